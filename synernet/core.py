@@ -13,9 +13,9 @@ import torch
 
 # %% auto #0
 __all__ = ['CONFIG_KEYS', 'DATASETS', 'SCALES', 'PRESETS', 'RESUME_IGNORED', 'ConfigError', 'Key', 'config_key', 'config_keys',
-           'Preset', 'register_preset', 'Config', 'make_config', 'parse_cli', 'seed_everything', 'rng_states',
-           'set_rng_states', 'dist_info', 'get_device', 'get_logger', 'git_commit', 'env_record', 'default_out_dir',
-           'RunDir', 'start_run', 'main']
+           'Preset', 'register_preset', 'extend_preset', 'Config', 'make_config', 'parse_cli', 'seed_everything',
+           'rng_states', 'set_rng_states', 'dist_info', 'get_device', 'get_logger', 'git_commit', 'env_record',
+           'default_out_dir', 'RunDir', 'start_run', 'main']
 
 # %% ../nbs/00_core.ipynb #753146b5
 class ConfigError(ValueError):
@@ -139,7 +139,7 @@ config_keys("run",
     log_level=("INFO", "logging level", dict(choices=("DEBUG", "INFO", "WARNING", "ERROR"))),
 )
 
-# %% ../nbs/00_core.ipynb #20b9b358
+# %% ../nbs/00_core.ipynb #b68cd06e
 @dataclasses.dataclass
 class Preset:
     "A named set of config overrides, layered on a parent preset."
@@ -169,6 +169,16 @@ def register_preset(name: str, doc: str, parent: str | None = "base", **layers) 
         lay[sel] = dict(over)
     PRESETS[name] = Preset(name, doc, parent, lay)
     return PRESETS[name]
+
+def extend_preset(name: str, **layers) -> Preset:
+    "Add (or update) layers of an existing preset: a component notebook sets its own demo-scale values this way."
+    p = _preset_chain(name)[-1]
+    for sel, over in layers.items():
+        sel = "*" if sel == "all" else sel.replace("_", "/")
+        _check_selector(sel)
+        for k in over: _known_key(k)
+        p.layers.setdefault(sel, {}).update(over)
+    return p
 
 def _known_key(k):
     if k in CONFIG_KEYS: return CONFIG_KEYS[k]
