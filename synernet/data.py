@@ -25,7 +25,7 @@ __all__ = ['VOC_CLASSES', 'COCO_CLASSES', 'COCO_CATEGORY_IDS', 'SYNTHETIC_CLASSE
            'make_train_loader', 'make_val_loader', 'make_toy_voc', 'sbd_to_aug', 'build_label_file', 'coco_to_masks',
            'check_dataset', 'main']
 
-# %% ../nbs/01_data.ipynb #d9907b67
+# %% ../nbs/01_data.ipynb #2e0870e7
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
                "tvmonitor")
@@ -40,8 +40,8 @@ COCO_CLASSES = ("background", "person", "bicycle", "car", "motorcycle", "airplan
 COCO_CATEGORY_IDS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28,
     31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59,
     60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90)
-SYNTHETIC_CLASSES = ("background", "red_disk", "lime_disk", "cyan_disk", "violet_disk",
-                     "red_bars", "lime_bars", "cyan_bars", "violet_bars")
+SYNTHETIC_CLASSES = ("background", "red_white", "lime_white", "cyan_white", "violet_white",
+                     "red_black", "lime_black", "cyan_black", "violet_black")
 CLASS_NAMES = dict(voc=VOC_CLASSES, coco=COCO_CLASSES, synthetic=SYNTHETIC_CLASSES)
 IGNORE_INDEX = 255
 
@@ -56,7 +56,7 @@ def voc_palette(n: int = 256) -> np.ndarray:
         pal[i] = rgb
     return pal
 
-# %% ../nbs/01_data.ipynb #9edd7b3d
+# %% ../nbs/01_data.ipynb #77ecda89
 def _pair(lo=0.0, hi=float("inf"), ordered=True):
     return dict(check=lambda v: len(v) == 2 and lo < v[0] <= hi and lo < v[1] <= hi and (v[0] <= v[1] or not ordered),
                 check_msg=f"must be two numbers (min, max) in ({lo}, {hi}]")
@@ -71,6 +71,7 @@ config_keys("data",
                              "(False: one shared flip, mirrored box)"),
     main_view_blur_p=(1.0, "probability of the Gaussian blur on the main training view (quirk q2)",
                       dict(check=lambda v: 0 <= v <= 1, check_msg="must be in [0, 1]")),
+    blur_radius=((0.1, 2.0), "radius range (pixels) of the training views' Gaussian blur", _pair()),
     rrc_scale=((0.32, 1.0), "DSKD RandomResizedCrop area range", _pair(0.0, 1.0)),
     rrc_ratio=((0.75, 1.3333333), "DSKD RandomResizedCrop aspect-ratio range", _pair()),
     train_split=("", "training split ('' = the data set's default)"),
@@ -83,7 +84,7 @@ config_keys("data",
     val_resize=(448, "validation during training resizes images to this square size (METHOD a.13; 0 = no resize)",
                 dict(check=lambda v: v >= 0, check_msg="must be >= 0")),
 )
-extend_preset("base", demo=dict(crop_size=96, val_resize=96, scale_range=(0.75, 1.5)))
+extend_preset("base", demo=dict(crop_size=96, val_resize=96, scale_range=(0.6, 1.2), blur_radius=(0.1, 0.5)))
 
 # %% ../nbs/01_data.ipynb #07a4da1d
 @dataclasses.dataclass(frozen=True)
@@ -320,13 +321,14 @@ def resolve_root(cfg) -> Path:
     check_layout(Layout(info.name, info.root))
     return info.root
 
-# %% ../nbs/01_data.ipynb #2c041426
+# %% ../nbs/01_data.ipynb #7ba04b75
 def train_transform(cfg):
     "The training views of cfg.train_aug."
     if cfg.train_aug == "dskd":
-        return DSKDTrainView(cfg.crop_size, cfg.rrc_scale, cfg.rrc_ratio, cfg.main_view_blur_p)
+        return DSKDTrainView(cfg.crop_size, cfg.rrc_scale, cfg.rrc_ratio, cfg.main_view_blur_p,
+                             blur_radius=cfg.blur_radius)
     return ToCoTrainView(cfg.crop_size, cfg.scale_range, cfg.ctc_views, cfg.toco_compat_double_flip,
-                         cfg.main_view_blur_p)
+                         cfg.main_view_blur_p, blur_radius=cfg.blur_radius)
 
 def _split_sources(cfg, split, root):
     info = dataset_info(cfg)

@@ -136,7 +136,7 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda": return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-# %% ../nbs/09_learner.ipynb #5d91a044
+# %% ../nbs/09_learner.ipynb #ab3dbdde
 class Learner:
     "Train and evaluate one method as configured; everything lands in the run folder."
     def __init__(self, cfg: Config, method_cls: type | None = None, train_loader=None, val_loader=None,
@@ -169,7 +169,7 @@ class Learner:
         if latest.exists():
             st = load_checkpoint(latest, self.method, self.optims, self.train_loader)
             self.start_iter, self.train_seconds = st["iter"] + 1, st["extra"].get("train_seconds", 0.0)
-            self.run.truncate_metrics(st["iter"])
+            self.run.truncate_metrics(st["iter"] + 1)   # lines of step iter+1 belong to the checkpointed iteration
             self.log.info(f"resumed from {latest} at iteration {self.start_iter}")
 
     def autocast(self):

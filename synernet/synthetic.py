@@ -15,23 +15,24 @@ from .data import (IGNORE_INDEX, LABEL_FILE, SYNTHETIC_CLASSES, save_cls_labels,
 
 # %% auto #0
 __all__ = ['GENERATOR_VERSION', 'PART_HUES', 'CONTEXT_OF', 'P_CONTEXT_WITH', 'P_CONTEXT_WITHOUT', 'REGIONS', 'SIZE_RANGE',
-           'N_CLASSES_P', 'MAX_OBJECTS', 'BODY_AXIS', 'PART_RADIUS', 'CLASS_PARTS', 'hsv', 'smooth_noise', 'body_shape',
-           'body_radius', 'draw_background', 'draw_water', 'draw_rails', 'sample_body', 'body_colour', 'paint_body',
-           'part_shape', 'paint_part', 'small_shape', 'pole', 'boundary_band', 'render_sample', 'sample_name',
-           'render_split_item', 'generate_synthetic', 'synthetic_status', 'ensure_synthetic', 'split_stats',
-           'region_scores', 'oracle_predictions']
+           'N_CLASSES_P', 'MAX_OBJECTS', 'BODY_AXIS', 'PART_RADIUS', 'DOT_FRACTION', 'CLASS_PARTS', 'hsv',
+           'smooth_noise', 'body_shape', 'body_radius', 'draw_background', 'draw_water', 'draw_rails', 'sample_body',
+           'body_colour', 'paint_body', 'part_shape', 'paint_part', 'small_shape', 'pole', 'boundary_band',
+           'render_sample', 'sample_name', 'render_split_item', 'generate_synthetic', 'synthetic_status',
+           'ensure_synthetic', 'split_stats', 'region_scores', 'oracle_predictions']
 
-# %% ../nbs/01a_synthetic.ipynb #0bc749a3
+# %% ../nbs/01a_synthetic.ipynb #5736a30d
 GENERATOR_VERSION = 1
 PART_HUES = dict(red=0.0, lime=0.25, cyan=0.5, violet=0.75)      # HSV hue, fraction of the circle
-CONTEXT_OF = {"lime_disk": "water", "red_bars": "rails"}          # class -> its correlated background pattern
+CONTEXT_OF = {"red_white": "water", "cyan_black": "rails"}         # class -> its correlated background pattern
 P_CONTEXT_WITH, P_CONTEXT_WITHOUT = 0.85, 0.08                   # P(pattern | class present), P(pattern | absent)
 REGIONS = ("background", "distractor", "body", "part", "water", "rails")
 SIZE_RANGE = (96, 144)
 N_CLASSES_P = (0.45, 0.40, 0.15)                                  # 1, 2 or 3 classes per image
 MAX_OBJECTS = 4
-BODY_AXIS = (15.0, 27.0)                                          # major semi-axis of a body, pixels
-PART_RADIUS = (6.0, 8.5)                                          # part radius, pixels
+BODY_AXIS = (17.0, 30.0)                                          # major semi-axis of a body, pixels
+PART_RADIUS = (6.5, 9.0)                                          # part radius, pixels
+DOT_FRACTION = 0.45                                               # centre dot radius / part radius
 
 CLASS_PARTS = {name: (PART_HUES[name.split("_")[0]], name.split("_")[1]) for name in SYNTHETIC_CLASSES[1:]}
 
@@ -122,7 +123,7 @@ def draw_rails(rng, img, H, W) -> np.ndarray:
     img[m] = layer[m]
     return m
 
-# %% ../nbs/01a_synthetic.ipynb #8443ac92
+# %% ../nbs/01a_synthetic.ipynb #95b5ce9e
 def sample_body(rng, H, W):
     a = rng.uniform(*BODY_AXIS); b = a * rng.uniform(0.6, 1.0)
     return dict(cy=rng.uniform(0.12 * H, 0.88 * H), cx=rng.uniform(0.12 * W, 0.88 * W), a=a, b=b,
@@ -145,23 +146,15 @@ def paint_body(rng, img, shape, colour):
         layer = layer + 0.04 * np.sin(2 * np.pi * (xx * np.cos(th) + yy * np.sin(th)) / 3.0)[..., None]
     img[shape] = layer[shape]
 
-def part_shape(yy, xx, cy, cx, r, pattern, rng):
-    "(part mask, mask of its class-hue pixels)."
-    if pattern == "disk":
-        d2 = (yy - cy) ** 2 + (xx - cx) ** 2
-        m = d2 <= r * r
-        return m, d2 <= (r - 1.6) ** 2
-    phi = rng.uniform(0, np.pi / 2)
-    u = (xx - cx) * np.cos(phi) + (yy - cy) * np.sin(phi)
-    v = -(xx - cx) * np.sin(phi) + (yy - cy) * np.cos(phi)
-    s = r * 0.9
-    m = (np.abs(u) <= s) & (np.abs(v) <= s)
-    stripe = np.floor((u + s) / (2 * s / 5)).astype(int) % 2 == 0          # 3 class-hue stripes, 2 dark
-    return m, m & stripe
+def part_shape(yy, xx, cy, cx, r):
+    "(part mask, mask of its centre dot)."
+    d2 = (yy - cy) ** 2 + (xx - cx) ** 2
+    return d2 <= r * r, d2 <= (DOT_FRACTION * r) ** 2
 
-def paint_part(rng, img, m, hue_px, hue):
-    img[m] = hsv(0, 0, rng.uniform(0.08, 0.18))
-    img[hue_px] = hsv(hue + rng.uniform(-0.02, 0.02), rng.uniform(0.85, 1.0), rng.uniform(0.85, 1.0))
+def paint_part(rng, img, m, dot_px, hue, dot):
+    img[m] = hsv(hue + rng.uniform(-0.02, 0.02), rng.uniform(0.85, 1.0), rng.uniform(0.85, 1.0))
+    img[dot_px] = hsv(0, rng.uniform(0, 0.1), rng.uniform(0.9, 1.0)) if dot == "white" else \
+        hsv(0, 0, rng.uniform(0.03, 0.12))
 
 # %% ../nbs/01a_synthetic.ipynb #e9a2b35f
 def small_shape(rng, yy, xx, H, W):
@@ -179,7 +172,7 @@ def pole(rng, yy, xx, H, W):
     cy, cx = rng.uniform(0, H), rng.uniform(0, W)
     return np.abs(-(xx - cx) * np.sin(th) + (yy - cy) * np.cos(th)) <= rng.uniform(1.0, 2.0)
 
-# %% ../nbs/01a_synthetic.ipynb #9e62d702
+# %% ../nbs/01a_synthetic.ipynb #1a2843ba
 def boundary_band(label: np.ndarray) -> np.ndarray:
     "Pixels with a differently labelled 8-neighbour (edge-replicated)."
     p = np.pad(label, 1, mode="edge")
@@ -222,7 +215,7 @@ def render_sample(rng: np.random.Generator, size=None):
     owner = np.full((H, W), -1, np.int16)                                    # which object each pixel shows
     placed, parts, areas = [], [], []
     for c in objs:
-        hue, pattern = CLASS_PARTS[SYNTHETIC_CLASSES[c]]
+        hue, dot = CLASS_PARTS[SYNTHETIC_CLASSES[c]]
         for _try in range(30):
             sh = sample_body(rng, H, W)
             body = body_shape(yy, xx, **sh)
@@ -233,8 +226,8 @@ def render_sample(rng: np.random.Generator, size=None):
             dist = max(0.0, min(R - r - 1.5, rng.uniform(0.35, 0.85) * R))
             pcy, pcx = sh["cy"] + dist * np.sin(ang), sh["cx"] + dist * np.cos(ang)
             if not (r <= pcy <= H - 1 - r and r <= pcx <= W - 1 - r): continue
-            pm, hue_px = part_shape(yy, xx, pcy, pcx, r, pattern, rng)
-            pm &= body; hue_px &= body
+            pm, dot_px = part_shape(yy, xx, pcy, pcx, r)
+            pm &= body; dot_px &= body
             if pm.sum() < 0.6 * np.pi * r * r: continue
             ok = True
             for j, (pj, aj) in enumerate(zip(parts, areas)):
@@ -244,7 +237,7 @@ def render_sample(rng: np.random.Generator, size=None):
             if not ok: continue
             i = len(placed)
             paint_body(rng, img, body, body_colour(rng, bg_mean))
-            paint_part(rng, img, pm, hue_px, hue)
+            paint_part(rng, img, pm, dot_px, hue, dot)
             label[body] = c; owner[body] = i; regions[body] = 2; regions[pm] = 3
             placed.append(c); parts.append(pm); areas.append(int(body.sum()))
             break
@@ -263,7 +256,7 @@ def render_sample(rng: np.random.Generator, size=None):
                 object_area=vis, part_area=[int((p & (owner == i)).sum()) for i, p in enumerate(parts)])
     return (img * 255 + 0.5).astype(np.uint8), mask, regions, info
 
-# %% ../nbs/01a_synthetic.ipynb #1e748eb7
+# %% ../nbs/01a_synthetic.ipynb #aa69071f
 def sample_name(split: str, i: int) -> str: return f"syn_{split}_{i:05d}"
 
 def render_split_item(seed: int, split: str, i: int):
@@ -335,13 +328,15 @@ def ensure_synthetic(root, seed: int = 0, n_train: int = 1000, n_val: int = 200,
         shutil.rmtree(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{time.time_ns()}"
+    if log: log(f"generating the synthetic set (seed {seed}, {n_train} + {n_val} images) at {root} ...")
     try:
-        generate_synthetic(tmp, seed, n_train, n_val, log)
+        mk = generate_synthetic(tmp, seed, n_train, n_val)
         try:
             if root.exists() and not any(root.iterdir()): root.rmdir()
             os.rename(tmp, root)
         except OSError:
             if synthetic_status(root, params) != "ok": raise
+        if log: log(f"synthetic set ready: {mk['seconds']:.1f} s, {mk['bytes'] / 1e6:.1f} MB")
     finally:
         if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
     return root

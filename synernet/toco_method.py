@@ -40,7 +40,7 @@ def toco_forward(net: ToCoNet, x, global_views=None, local_views=None):
     proj = net.forward_proj(global_views, local_views) if global_views is not None else None
     return out, proj
 
-# %% ../nbs/10_toco_method.ipynb #40b11fff
+# %% ../nbs/10_toco_method.ipynb #2e4dc1f4
 @register_method("toco")
 class ToCoMethod(Method):
     "ToCo (CVPR 2023): cls + aux cls + PTC + CTC + PAR-refined segmentation, phases per METHOD.md a.11."
@@ -70,8 +70,7 @@ class ToCoMethod(Method):
     def pseudo_labels(self, img, cam, y, box):
         "PAR-refined pseudo-labels (a.6) of a normalised CAM: class / 255 / background."
         c = self.cfg
-        V, _ = cam_to_label(cam, y, box, c.bkg_thre, c.high_thre, c.low_thre, ignore_mid=True)
-        return refine_cams_with_bkg(self.par, denormalize(img), V, y, box, c.high_thre, c.low_thre,
+        return refine_cams_with_bkg(self.par, denormalize(img), valid_cam(cam, y), y, box, c.high_thre, c.low_thre,
                                     c.refine_down_scale)
 
     def training_step(self, batch, n, w):
