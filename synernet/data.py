@@ -321,7 +321,7 @@ def resolve_root(cfg) -> Path:
     check_layout(Layout(info.name, info.root))
     return info.root
 
-# %% ../nbs/01_data.ipynb #7ba04b75
+# %% ../nbs/01_data.ipynb #3f52b1e2
 def train_transform(cfg):
     "The training views of cfg.train_aug."
     if cfg.train_aug == "dskd":
@@ -344,8 +344,9 @@ def _sample_key(key):
 class ClsDataset(Dataset):
     "Training set: images and image-level labels. It holds image paths and label vectors only, never mask paths."
     def __init__(self, cfg: Config, split: str | None = None, root=None, transform=None):
-        info, layout, names = _split_sources(cfg, split or cfg.train_split or dataset_info(cfg).train_split, root)
-        self.split, self.names, self.num_classes = split or cfg.train_split or info.train_split, names, info.num_classes
+        self.split = split or cfg.train_split or dataset_info(cfg).train_split
+        info, layout, names = _split_sources(cfg, self.split, root)
+        self.names, self.num_classes = names, info.num_classes
         self.images = image_files(layout, self.split, names)
         lpath = find_label_file(info, layout.root, cfg.label_file)
         self.labels = labels_for(load_cls_labels(lpath, info.num_classes), names, lpath, layout.list_file(self.split))
@@ -366,8 +367,9 @@ class ClsDataset(Dataset):
 class SegDataset(Dataset):
     "Evaluation set: image (original size, normalised), mask (255 = ignore) and the image-level label."
     def __init__(self, cfg: Config, split: str | None = None, root=None):
-        info, layout, names = _split_sources(cfg, split or cfg.val_split or dataset_info(cfg).val_split, root)
-        self.split, self.names, self.num_classes = split or cfg.val_split or info.val_split, names, info.num_classes
+        self.split = split or cfg.val_split or dataset_info(cfg).val_split
+        info, layout, names = _split_sources(cfg, self.split, root)
+        self.names, self.num_classes = names, info.num_classes
         self.images = image_files(layout, self.split, names)
         self.masks = mask_files(layout, self.split, names)
         lpath = find_label_file(info, layout.root, cfg.label_file)
@@ -497,7 +499,7 @@ def make_toy_voc(root, n: int = 6, num_classes: int = 20, splits=("train_aug", "
     if label_file: save_cls_labels(root / LABEL_FILE, build_cls_labels(masks, num_classes))
     return root
 
-# %% ../nbs/01_data.ipynb #62bfcbb6
+# %% ../nbs/01_data.ipynb #c8e8223b
 def _load_sbd_mask(path) -> np.ndarray:
     from scipy.io import loadmat
     try: m = loadmat(path, squeeze_me=True, struct_as_record=False)["GTcls"].Segmentation
@@ -513,7 +515,7 @@ def sbd_to_aug(sbd_dir, voc_root, log=print) -> dict:
               voc / "ImageSets" / "Segmentation" / "train.txt", voc / "ImageSets" / "Segmentation" / "val.txt"):
         if not p.exists():
             raise FileNotFoundError(f"{p} not found: --sbd must be benchmark_RELEASE/dataset (with cls/, img/, "
-                                    "train.txt, val.txt) and --voc VOCdevkit/VOC2012. {PREP_HINT}.")
+                                    f"train.txt, val.txt) and --voc VOCdevkit/VOC2012. {PREP_HINT}.")
     sbd_names = read_list(sbd / "train.txt") + read_list(sbd / "val.txt")
     voc_train = read_list(voc / "ImageSets" / "Segmentation" / "train.txt")
     voc_val = read_list(voc / "ImageSets" / "Segmentation" / "val.txt")
@@ -640,7 +642,7 @@ def coco_to_masks(ann_file, image_dir, out_root, split: str, crowd: str = "class
     all_labels.update(labels); save_cls_labels(lf, all_labels)
     return res
 
-# %% ../nbs/01_data.ipynb #4b5271ec
+# %% ../nbs/01_data.ipynb #65410374
 def check_dataset(dataset: str, root, splits, label_file: str = "", read_pixels: bool = True, log=print) -> dict:
     "Validate lists, images, masks and the label file of `splits`; errors name the first bad file."
     info = dataset_info(dataset)
@@ -654,7 +656,8 @@ def check_dataset(dataset: str, root, splits, label_file: str = "", read_pixels:
         imgs = image_files(layout, s, names)
         has_masks = layout.mask_dir(s).is_dir()
         masks = mask_files(layout, s, names) if has_masks else None
-        y = labels_for(labels, names, lpath, layout.list_file(s)) if has_masks or s in DEFAULT_SPLITS[info.name] \
+        # a split with masks or labels must be fully covered by the label file; one with neither is inference-only
+        y = labels_for(labels, names, lpath, layout.list_file(s)) if has_masks or any(n in labels for n in names) \
             else None
         disagree = 0
         if read_pixels:
@@ -673,8 +676,8 @@ def check_dataset(dataset: str, root, splits, label_file: str = "", read_pixels:
                             if disagree <= 5: log(f"  {n}: label file {np.flatnonzero(y[i]) + 1} vs mask "
                                                   f"{np.flatnonzero(present) + 1}")
         report[s] = dict(images=len(names), masks=has_masks, label_mask_disagreements=disagree)
-        log(f"{s}: {len(names)} images, masks {'yes' if has_masks else 'no'}, "
-            f"{disagree} label/mask disagreements")
+        log(f"{s}: {len(names)} images, masks {'yes' if has_masks else 'no'}, labels "
+            f"{'yes' if y is not None else 'no (inference only)'}, {disagree} label/mask disagreements")
     return report
 
 def main(argv=None):
