@@ -432,11 +432,12 @@ def _jsonable(o):
     if isinstance(o, Path): return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
-# %% ../nbs/00_core.ipynb #8da11b97
+# %% ../nbs/00_core.ipynb #5c342355
 def start_run(cfg: Config, write: bool | None = None):
     "Seed, choose the device, open the run folder and record the environment. Returns (run, device, logger)."
     seed_everything(cfg.seed, cfg.deterministic)
     device = get_device(cfg.device)
+    if device.type == "cpu": torch.set_flush_denormal(True)   # see the note above: 3-60x faster CPU training
     write = dist_info()[0] == 0 if write is None else write
     run = RunDir(cfg, write=write)
     log = get_logger(level=cfg.log_level, log_file=run.path / "log.txt" if write else None)

@@ -21,11 +21,11 @@ __all__ = ['GENERATOR_VERSION', 'PART_HUES', 'CONTEXT_OF', 'P_CONTEXT_WITH', 'P_
            'render_sample', 'sample_name', 'render_split_item', 'generate_synthetic', 'synthetic_status',
            'ensure_synthetic', 'split_stats', 'region_scores', 'oracle_predictions']
 
-# %% ../nbs/01a_synthetic.ipynb #5736a30d
+# %% ../nbs/01a_synthetic.ipynb #18331cc1
 GENERATOR_VERSION = 1
 PART_HUES = dict(red=0.0, lime=0.25, cyan=0.5, violet=0.75)      # HSV hue, fraction of the circle
-CONTEXT_OF = {"red_white": "water", "cyan_black": "rails"}         # class -> its correlated background pattern
-P_CONTEXT_WITH, P_CONTEXT_WITHOUT = 0.85, 0.08                   # P(pattern | class present), P(pattern | absent)
+CONTEXT_OF = {"violet_black": "water", "cyan_black": "rails"}      # class -> its correlated background pattern
+P_CONTEXT_WITH, P_CONTEXT_WITHOUT = 0.9, 0.06                    # P(pattern | class present), P(pattern | absent)
 REGIONS = ("background", "distractor", "body", "part", "water", "rails")
 SIZE_RANGE = (96, 144)
 N_CLASSES_P = (0.45, 0.40, 0.15)                                  # 1, 2 or 3 classes per image

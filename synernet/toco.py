@@ -87,7 +87,7 @@ def pool_tokens(feat: torch.Tensor, mode: str = "gmp", k: int = 5) -> torch.Tens
         raise ValueError(f"pool={mode!r} needs at least k={k} tokens, the grid has {flat.shape[-1]}; use a larger input")
     return flat.topk(k, dim=-1).values.mean(dim=-1)
 
-# %% ../nbs/07_toco.ipynb #f49f7632
+# %% ../nbs/07_toco.ipynb #573187eb
 MODEL_ARGS = ("backbone", "pretrained", "weights_file", "aux_layer", "pool", "pool_k", "def_compat_qkv", "drop_path",
               "freeze_pos_embed", "decoder_dim", "proj_dim", "proj_hidden", "proj_bottleneck", "efficient_forward",
               "ctc_head_momentum")
@@ -162,14 +162,21 @@ class ToCoNet(nn.Module):
         for pt, ps in zip(self.proj_head_t.parameters(), self.proj_head.parameters()):
             pt.copy_(m * pt + (1 - m) * ps.detach())
 
-    def forward_proj(self, global_views, local_views):
-        "CTC projections: (teacher on detached global class tokens [2B,P], student on all views [(2+L)B,P])."
-        g = global_views if torch.is_tensor(global_views) else torch.cat(list(global_views))
+    def forward_proj(self, global_views, local_views, main_cls=None):
+        """CTC projections: (teacher on detached global class tokens [2B,P], student on all views [(2+L)B,P]).
+        `main_cls`: the class tokens of the first global view when it is the main view, already encoded by `forward`
+        (ToCo's `crops[0]` is its `inputs`); used only with `efficient_forward`, where it saves one encoder pass."""
         self.update_teacher_head()
-        if self.efficient:
+        if self.efficient and main_cls is not None:
+            rest = global_views[1:]
+            cls_g = torch.cat([main_cls] + ([self.backbone(torch.cat(list(rest))).cls] if len(rest) else []))
+            cls_t = cls_g.detach()
+        elif self.efficient:
+            g = global_views if torch.is_tensor(global_views) else torch.cat(list(global_views))
             cls_g = self.backbone(g).cls
             cls_t = cls_g.detach()
         else:
+            g = global_views if torch.is_tensor(global_views) else torch.cat(list(global_views))
             with torch.no_grad(): cls_t = self.backbone(g).cls
             cls_g = self.backbone(g).cls
         with torch.no_grad(): out_t = self.proj_head_t(cls_t)

@@ -34,13 +34,15 @@ config_keys("toco",
                               "auxiliary CAM (ToCo COCO: 12001)", _nonneg),
 )
 
-# %% ../nbs/10_toco_method.ipynb #5691aa06
+# %% ../nbs/10_toco_method.ipynb #5aa565c7
 def toco_forward(net: ToCoNet, x, global_views=None, local_views=None, with_seg: bool = True):
     "Main-view outputs, plus (teacher, student) CTC projections when views are given."
     out = net(x)
     # an output that takes no part in the loss must not be returned: DDP would wait for its gradients
     if not with_seg: out = dataclasses.replace(out, seg=None)
-    proj = net.forward_proj(global_views, local_views) if global_views is not None else None
+    # crops[0] is the main view itself: its class token is reused instead of encoding it again (q8)
+    proj = (net.forward_proj(global_views, local_views, main_cls=out.backbone.cls)
+            if global_views is not None else None)
     return out, proj
 
 # %% ../nbs/10_toco_method.ipynb #fd055bba
