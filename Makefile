@@ -7,8 +7,11 @@ export VENV
 install:
 	bash tools/install.sh
 
+# The main job: train the default preset on the built-in synthetic data set on the CPU and write the run folder
+# (runs/<preset>-synthetic-demo-seed0) and the executed notebook (runs/demo.ipynb).
 demo: install
-	$(VENV)/bin/python -m synernet.core --preset base
+	mkdir -p runs
+	$(VENV)/bin/papermill nbs/train.ipynb runs/demo.ipynb
 
 test: install
 	bash tools/test.sh

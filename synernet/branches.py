@@ -157,7 +157,7 @@ def class_token_sim_loss(t1: torch.Tensor, t2: torch.Tensor) -> torch.Tensor:
     b = F.cosine_similarity(t2.detach(), t1, dim=-1).mean().abs()
     return (1 - a) + (1 - b)
 
-# %% ../nbs/14_branches.ipynb #21005e73
+# %% ../nbs/14_branches.ipynb #7b02cf23
 def instance_images(x: torch.Tensor, label: torch.Tensor, cls_label: torch.Tensor,
                     generator: torch.Generator | None = None, ignore_index: int = 255):
     "(instance images [B,3,H,W], classes [B] 0-based, -1 = none): `x` kept only where `label` is the drawn class or 255."
@@ -193,6 +193,6 @@ def proto_contrast_loss(z: torch.Tensor, classes: torch.Tensor, bank: torch.Tens
     for i, c in enumerate(classes.tolist()):
         if c < 0: continue
         update_prototype(bank, z[i], c, momentum)
-        s = (z[i].float() @ bank.t().to(z.device)) / temp                    # [C]
+        s = (z[i].float() @ bank.t().to(z.device).clone()) / temp            # [C]; a snapshot: the bank changes next
         total = total + torch.logaddexp(torch.logsumexp(s, 0), s.new_tensor(math.log(1e-4))) - s[c]
     return total / (batch_size or len(classes))

@@ -21,8 +21,8 @@ __all__ = ['GENERATOR_VERSION', 'PART_HUES', 'CONTEXT_OF', 'P_CONTEXT_WITH', 'P_
            'render_sample', 'sample_name', 'render_split_item', 'generate_synthetic', 'synthetic_status',
            'ensure_synthetic', 'split_stats', 'region_scores', 'oracle_predictions']
 
-# %% ../nbs/01a_synthetic.ipynb #18331cc1
-GENERATOR_VERSION = 1
+# %% ../nbs/01a_synthetic.ipynb #399da9c0
+GENERATOR_VERSION = 2                                             # bump on any change of the images drawn
 PART_HUES = dict(red=0.0, lime=0.25, cyan=0.5, violet=0.75)      # HSV hue, fraction of the circle
 CONTEXT_OF = {"violet_black": "water", "cyan_black": "rails"}      # class -> its correlated background pattern
 P_CONTEXT_WITH, P_CONTEXT_WITHOUT = 0.9, 0.06                    # P(pattern | class present), P(pattern | absent)
@@ -256,7 +256,7 @@ def render_sample(rng: np.random.Generator, size=None):
                 object_area=vis, part_area=[int((p & (owner == i)).sum()) for i, p in enumerate(parts)])
     return (img * 255 + 0.5).astype(np.uint8), mask, regions, info
 
-# %% ../nbs/01a_synthetic.ipynb #aa69071f
+# %% ../nbs/01a_synthetic.ipynb #d622d7cc
 def sample_name(split: str, i: int) -> str: return f"syn_{split}_{i:05d}"
 
 def render_split_item(seed: int, split: str, i: int):
@@ -306,6 +306,9 @@ def synthetic_status(root, params: dict) -> str:
         try: m = json.loads(marker.read_text())
         except json.JSONDecodeError: return "incomplete"
         if m.get("params") != params: return "other"
+        try: meta = json.loads((root / "synthetic.json").read_text())
+        except (OSError, json.JSONDecodeError): return "incomplete"
+        if meta.get("classes") != list(SYNTHETIC_CLASSES): return "other"
         n = params["n_train"] + params["n_val"]
         if m.get("counts") != _counts(root) or any(v != n for v in m["counts"].values()): return "incomplete"
         return "ok"

@@ -67,8 +67,12 @@ def init_of(vals, valid):
 
 
 # --------------------------------------------------------------------------------------------------- EM vs sklearn
-@pytest.mark.parametrize("dtype,tol_par,tol_post", [(torch.float64, 1e-7, 1e-7), (torch.float32, 2e-3, 1e-3)])
+@pytest.mark.parametrize("dtype,tol_par,tol_post", [(torch.float64, 1e-7, 1e-7), (torch.float32, 1e-3, 1e-3)])
 def test_em_matches_sklearn(dtype, tol_par, tol_post):
+    """float64 (the default): every row agrees with sklearn to 1e-7 (parameters, posteriors) with the same iteration
+    count. float32: rounding can move the stopping iteration of a slowly converging row by one or more; rows that stop
+    at the same iteration agree to 1e-3, the others (if their means are >= 0.1 apart) to 2e-2 in the posteriors,
+    and >= 80% of the rows stop together."""
     rng = np.random.default_rng(0)
     worst, n_rows, n_iter_equal = dict(mean=0.0, var=0.0, weight=0.0, post=0.0), 0, 0
     for trial in range(12):
@@ -84,11 +88,16 @@ def test_em_matches_sklearn(dtype, tol_par, tol_post):
                      var=np.abs(fit.vars[b].double().numpy() - gm.covariances_[:, 0, 0]).max(),
                      weight=np.abs(fit.weights[b].double().numpy() - gm.weights_).max(),
                      post=np.abs(post[b][valid[b]] - gm.predict_proba(x.reshape(-1, 1))[:, 0]).max())
+            same = int(fit.n_iter[b]) == gm.n_iter_
+            n_rows += 1
+            n_iter_equal += same
+            if not same:        # float32 only (asserted below): rows GC would not skip still agree to 2e-2
+                sep = abs(gm.means_[0, 0] - gm.means_[1, 0])
+                assert sep < 0.1 or d["post"] < 2e-2, (trial, b, names[b], d)
+                continue
             for k, v in d.items():
                 worst[k] = max(worst[k], v)
                 assert v < (tol_post if k == "post" else tol_par), (trial, b, names[b], k, v)
-            n_rows += 1
-            n_iter_equal += int(fit.n_iter[b]) == gm.n_iter_
             if dtype == torch.float64:
                 assert int(fit.n_iter[b]) == gm.n_iter_ and bool(fit.converged[b]) == gm.converged_, (names[b],)
                 assert abs(float(fit.lower_bound[b]) - gm.lower_bound_) < 1e-9
@@ -126,8 +135,8 @@ def test_item35_synthetic_mixture():
         x = torch.where(z, 0.2 + 0.05 * torch.randn(1, 20000, generator=g), 0.8 + 0.05 * torch.randn(1, 20000, generator=g))
         fit = fit_gmm_batched(x, n_fit=16384, generator=g)
         s = fit.sorted()
-        assert torch.allclose(s.means[0], torch.tensor([0.2, 0.8]), atol=0.01), s.means
-        assert torch.allclose(s.weights[0], torch.tensor([0.6, 0.4]), atol=0.02), s.weights
+        assert torch.allclose(s.means[0].float(), torch.tensor([0.2, 0.8]), atol=0.01), s.means
+        assert torch.allclose(s.weights[0].float(), torch.tensor([0.6, 0.4]), atol=0.02), s.weights
         G, skipped = noise_posterior(torch.tensor([[0.1, 0.9]]), torch.ones(1, 2, dtype=torch.bool), fit)
         assert not skipped[0] and G[0, 0] > 0.99 and G[0, 1] < 0.01, G
     flat = torch.full((1, 5000), 0.5)
@@ -173,24 +182,26 @@ def test_label_confidence_against_loop():
 
 
 # --------------------------------------------------------------------------------------------------- rules
-def correct_loop(Y, Gn, feat, inside, s, tau, th_h=0.85, th_l=0.25, abs_cos=True, ii=255):
-    "The rule table of c.5 pixel by pixel, from the token features (numpy, no shared code)."
+def correct_loop(Y, Gn, feat, box, s, tau, th_h=0.85, th_l=0.25, abs_cos=True, ii=255):
+    """The rule table of c.5 pixel by pixel from the token features (numpy, no shared code): a token is in the box
+    when its centre pixel is; neighbour labels are read one stride away, clamped to the box."""
     B, H, W = Y.shape
     _, D, h, w = feat.shape
-    f = feat.numpy(); Yn, G, ins = Y.numpy(), Gn.numpy(), inside.numpy()
+    f = feat.numpy(); Yn, G = Y.numpy(), Gn.numpy()
     out = Yn.copy()
     for b, i, j in itertools.product(range(B), range(H), range(W)):
-        if not ins[b, i, j]: continue
+        r0, r1, c0, c1 = (int(v) for v in box[b])
+        if not (r0 <= i < r1 and c0 <= j < c1): continue
+        tin = lambda ti, tj: 0 <= ti < h and 0 <= tj < w and r0 <= min(ti * s + s // 2, H - 1) < r1 \
+            and c0 <= min(tj * s + s // 2, W - 1) < c1
         g = G[b, i, j]
         Rh, Ru = g > th_h, th_l < g <= th_h
         if not (Rh or Ru): continue
         ti, tj = min(i // s, h - 1), min(j // s, w - 1)
         sims = []
         for dr, dc in DIRS:
-            qi, qj = i + dr * s, j + dc * s
             ni, nj = ti + dr, tj + dc
-            if not (0 <= qi < H and 0 <= qj < W and ins[b, qi, qj] and 0 <= ni < h and 0 <= nj < w):
-                sims.append(None); continue
+            if not (tin(ti, tj) and tin(ni, nj)): sims.append(None); continue
             u, v = f[b, :, ti, tj], f[b, :, ni, nj]
             c = float(u @ v / (max(np.linalg.norm(u), 1e-8) * max(np.linalg.norm(v), 1e-8)))
             sims.append(abs(c) if abs_cos else c)
@@ -200,7 +211,8 @@ def correct_loop(Y, Gn, feat, inside, s, tau, th_h=0.85, th_l=0.25, abs_cos=True
         elif Rh: out[b, i, j] = ii
         elif present:
             k = max(present, key=lambda k: (sims[k], -k))       # first maximum, as argmax
-            out[b, i, j] = Yn[b, i + DIRS[k][0] * s, j + DIRS[k][1] * s]
+            qi = min(max(i + DIRS[k][0] * s, r0), r1 - 1); qj = min(max(j + DIRS[k][1] * s, c0), c1 - 1)
+            out[b, i, j] = Yn[b, qi, qj]
     return torch.from_numpy(out)
 
 
@@ -217,8 +229,8 @@ def test_correct_labels_against_loop(abs_cos, tau):
     inside = box_mask(box, H, W)
     S, st = pixel_similarity(feat, (H, W), inside, None, abs_cos)
     assert st == s
-    out, mk = correct_labels(Y, Gn, S, st, inside, tau)
-    ref = correct_loop(Y, Gn, feat, inside, s, tau, abs_cos=abs_cos)
+    out, mk = correct_labels(Y, Gn, S, st, inside, tau, box=box)
+    ref = correct_loop(Y, Gn, feat, box, s, tau, abs_cos=abs_cos)
     assert torch.equal(out, ref), (out != ref).nonzero()[:5]
     assert torch.equal(out[~inside], Y[~inside])
     # the masks partition the changed pixels
@@ -235,18 +247,18 @@ def test_item36_hand_built_example():
     S = neighbour_similarity(feat)[0]
     assert abs(S[3, 0, 0] - 0.1) < 1e-6 and abs(S[1, 0, 0] - 0.9) < 1e-6       # (0,0): one |cos| 0.1, the other 0.9
     assert abs(S[0, 1, 0] - 0.9) < 1e-6 and abs(S[3, 1, 0] - 0.95) < 1e-6      # (1,0): all 0.9+, right the most
-    Y = torch.full((1, 32, 32), 3, dtype=torch.long); Y[0, 16:, 16:] = 5; Y[0, 20, 17] = 255
+    Y = torch.full((1, 32, 32), 3, dtype=torch.long); Y[0, 16:, 16:] = 5; Y[0, 26, 17] = 255
     Gn = torch.zeros(1, 32, 32)
     Gn[0, :8, :16], Gn[0, 8:16, :16] = 0.9, 0.5                 # token (0,0): R_h, R_u
     Gn[0, 16:24, :16], Gn[0, 24:, :16] = 0.95, 0.3              # token (1,0): R_h, R_u
     inside = torch.ones(1, 32, 32, dtype=torch.bool); inside[0, :, 30:] = False
     Gn[0, :, 30:] = 0.99
     Sp, s = pixel_similarity(feat, (32, 32), inside)
-    out, _ = correct_labels(Y, Gn, Sp, s, inside, 0.5)
+    out, _ = correct_labels(Y, Gn, Sp, s, inside, 0.5, box=torch.tensor([[0, 32, 0, 30]]))
     assert (out[0, :16, :16] == 0).all()                       # R_h and R_u of token (0,0) -> 0
     assert (out[0, 16:24, :16] == 255).all()                   # R_h of token (1,0) -> 255
     assert torch.equal(out[0, 24:, :16], Y[0, 24:, 16:32])     # R_u -> the label 16 px to the right
-    assert out[0, 20, 1] == 3 and torch.equal(out[0, 16:24, :16].unique(), torch.tensor([255]))
+    assert out[0, 26, 1] == 255 and out[0, 26, 2] == 5         # copied at the same sub-token position
     assert torch.equal(out[0, :, 30:], Y[0, :, 30:])           # outside the box: never changed
     assert torch.equal(out[0, :, 16:30], Y[0, :, 16:30])       # G_n = 0: unchanged
 
