@@ -76,7 +76,7 @@ def label_confidence(Y: torch.Tensor, V: torch.Tensor, m: torch.Tensor | None = 
     own = V.gather(1, (Y.clamp(1, C) - 1)[:, None])[:, 0]
     return torch.where(fg, own, torch.where(Y == 0, 1 - m, torch.maximum(m, 1 - m)))
 
-# %% ../nbs/12_gc.ipynb #0d54227d
+# %% ../nbs/12_gc.ipynb #09447776
 @dataclasses.dataclass
 class GMMFit:
     "A batch of fitted two-component 1-D Gaussian mixtures (row b = image b)."
@@ -115,12 +115,10 @@ def _quad(means, vars_, weights):
     c = -0.5 / vars_
     return (weights.log() - 0.5 * (math.log(2 * math.pi) + vars_.log()) + c * means ** 2, -2 * c * means, c)
 
-def _log_terms(x, means, vars_, weights):
-    "(log joint of component 0 `[B,n]`, log-odds component 1 vs 0 `[B,n]`): a quadratic in x per row."
+def _log_odds(x, means, vars_, weights):
+    "Log-odds `[B,n]` of component 1 against component 0 at every x: a quadratic in x per row."
     a, b, c = _quad(means, vars_, weights)
-    l0 = a[:, :1] + x * (b[:, :1] + x * c[:, :1])
-    d = (a[:, 1:] - a[:, :1]) + x * ((b[:, 1:] - b[:, :1]) + x * (c[:, 1:] - c[:, :1]))
-    return l0, d
+    return (a[:, 1:] - a[:, :1]) + x * ((b[:, 1:] - b[:, :1]) + x * (c[:, 1:] - c[:, :1]))
 
 def _quantiles(x, w, nu, qs=(0.25, 0.75)):
     "Linear-interpolation quantiles (numpy's default) of each row's valid entries: [B, len(qs)]."
@@ -153,11 +151,14 @@ def fit_gmm_batched(values: torch.Tensor, valid: torch.Tensor | None = None, n_f
     den = nu.clamp(min=1)
     B = x.shape[0]
     eps = 10 * torch.finfo(dtype).eps
-    sx = (x * wf).sum(1)
+    shift = (x * wf).sum(1) / den                                            # row mean: moments about it
+    xc = torch.where(w, x - shift[:, None], torch.zeros((), dtype=dtype, device=x.device))
+    P = torch.stack([torch.ones_like(xc), xc, xc * xc], -1)                  # [B, n, 3]: 1, x', x'^2
+    Pw = P * wf[..., None]
+    tot = Pw.sum(1)                                                          # [B, 3]: sums of w, w x', w x'^2
     if init is None:
         means = _quantiles(x, w, nu)
-        var = ((x - (sx / den)[:, None]) ** 2 * wf).sum(1) / den
-        vars_ = (var + reg)[:, None].expand(B, 2).clone()
+        vars_ = (tot[:, 2] / den + reg)[:, None].expand(B, 2).clone()
         weights = torch.full((B, 2), 0.5, dtype=dtype, device=x.device)
     else:
         means, vars_, weights = (init[k].to(device=x.device, dtype=dtype).expand(B, 2).clone()
@@ -166,18 +167,23 @@ def fit_gmm_batched(values: torch.Tensor, valid: torch.Tensor | None = None, n_f
     converged = torch.zeros(B, dtype=torch.bool, device=x.device)
     n_iter = torch.zeros(B, dtype=torch.long, device=x.device)
     lb = torch.full((B,), -math.inf, dtype=dtype, device=x.device)
+    R = torch.empty(B, 3, x.shape[1], dtype=dtype, device=x.device)
+    zero = torch.zeros((), dtype=dtype, device=x.device)
     for _ in range(int(iters)):
-        l0, d = _log_terms(x, means, vars_, weights)                         # E-step, two components in closed form
-        new_lb = ((l0 + torch.logaddexp(torch.zeros_like(d), d)) * wf).sum(1) / den
-        r1, r0 = torch.sigmoid(d) * wf, torch.sigmoid(-d) * wf               # responsibilities (0 on invalid)
-        n1, n0 = r1.sum(1) + eps, r0.sum(1) + eps                            # M-step
-        s1 = (r1 * x).sum(1)
-        mu = torch.stack([(sx - s1) / n0, s1 / n1], 1)
-        var = torch.stack([(r0 * (x - mu[:, :1]) ** 2).sum(1) / n0, (r1 * (x - mu[:, 1:]) ** 2).sum(1) / n1], 1) + reg
-        nk = torch.stack([n0, n1], 1)
+        a, b, c = _quad(means - shift[:, None], vars_, weights)            # E-step on x' = x - shift
+        coef = torch.stack([a, b, c], 1)                                     # [B, 3, 2]
+        d = torch.bmm(P, (coef[..., 1] - coef[..., 0])[..., None])[..., 0]  # log-odds, [B, n]
+        torch.sigmoid(-d, out=R[:, 0]); torch.sigmoid(d, out=R[:, 1])      # responsibilities r_0, r_1
+        torch.logaddexp(zero, d, out=R[:, 2])                                # log(1 + e^d)
+        M = torch.bmm(R, Pw)                                                 # [B, 3, 3]: weighted moments
+        new_lb = ((coef[..., 0] * tot).sum(1) + M[:, 2, 0]) / den           # mean of log sum_k pi_k N_k
+        nk = M[:, :2, 0] + eps                                               # M-step
+        mu = M[:, :2, 1] / nk                                                # means of x'
+        var = (M[:, :2, 2] / nk - mu * mu * (1 + eps / nk)).clamp(min=0) + reg   # = sum r (x' - mu)^2 / nk + reg
         pi = nk / nk.sum(1, keepdim=True)
-        a = active[:, None]
-        means, vars_, weights = torch.where(a, mu, means), torch.where(a, var, vars_), torch.where(a, pi, weights)
+        mu = mu + shift[:, None]
+        a_ = active[:, None]
+        means, vars_, weights = torch.where(a_, mu, means), torch.where(a_, var, vars_), torch.where(a_, pi, weights)
         done = active & ((new_lb - lb).abs() < tol)
         lb = torch.where(active, new_lb, lb)
         n_iter += active.long()
@@ -188,7 +194,7 @@ def fit_gmm_batched(values: torch.Tensor, valid: torch.Tensor | None = None, n_f
 
 def gmm_posterior(values: torch.Tensor, fit: GMMFit, component: torch.Tensor | None = None) -> torch.Tensor:
     "Posterior responsibility `[B, n]` of `component` `[B]` (default: the low-mean one) for every entry of `values`."
-    _, d = _log_terms(values.to(fit.means.dtype), fit.means, fit.vars, fit.weights)
+    d = _log_odds(values.to(fit.means.dtype), fit.means, fit.vars, fit.weights)
     k = fit.lo if component is None else component
     return torch.sigmoid(torch.where(k[:, None] == 1, d, -d))
 

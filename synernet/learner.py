@@ -59,7 +59,7 @@ def unwrap(m):
     if isinstance(m, DDP): m = m.module
     return m.net if isinstance(m, Forward) else m
 
-# %% ../nbs/09_learner.ipynb #ae3234bb
+# %% ../nbs/09_learner.ipynb #3c07485c
 METHODS: dict[str, type] = {}
 
 def register_method(name: str):
@@ -94,6 +94,7 @@ class Method:
     def extra_state(self) -> dict: return {}
     def load_extra_state(self, state: dict): pass
     def log_extras(self) -> dict: return {}
+    def summary_extras(self) -> dict: return {}
 
     def net(self, name: str) -> torch.nn.Module:
         "The module `name` without its DDP wrapper (for no-grad passes such as CAM inference)."
@@ -136,7 +137,7 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda": return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-# %% ../nbs/09_learner.ipynb #ab3dbdde
+# %% ../nbs/09_learner.ipynb #80f59b6d
 class Learner:
     "Train and evaluate one method as configured; everything lands in the run folder."
     def __init__(self, cfg: Config, method_cls: type | None = None, train_loader=None, val_loader=None,
@@ -331,7 +332,7 @@ class Learner:
                        images_per_second=(cfg.max_iters * cfg.batch_size / self.train_seconds
                                           if self.train_seconds else None),
                        peak_memory_mb=round(peak_memory_mb(self.device), 1), device=str(self.device),
-                       metrics={k: v for k, v in res.items()})
+                       metrics={**res, **self.method.summary_extras()})
         self.run.write_summary(summary)
         if self.rank == 0 and self.tb is not None: self.tb.close()
         return summary

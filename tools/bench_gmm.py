@@ -8,9 +8,13 @@ scikit-learn gets exactly the same data (the same subsample) and the same initia
 both run the same EM; its time includes its k-means initialisation, which it runs even when the initial parameters are
 given (that is how it is used in practice, e.g. by DuPL). Times are medians over repeats, after one warm-up call.
 
-    python tools/bench_gmm.py [--device cpu|cuda] [--repeats 5] [--out reports/bench_gmm_cpu.json]
+    OMP_NUM_THREADS=1 python tools/bench_gmm.py [--device cpu|cuda] [--repeats 5] [--out FILE.json]
+
+On a CPU shared with other jobs, run with OMP_NUM_THREADS=1 (one thread for torch, numpy and scikit-learn alike):
+with two threads per process on two busy cores every parallel torch kernel waits for a descheduled thread, and
+small element-wise operations become 50x slower (measured here), which says nothing about either implementation.
 """
-import argparse, json, platform, statistics, time, warnings
+import argparse, json, os, platform, statistics, sys, time, warnings
 
 import numpy as np
 import torch
@@ -79,9 +83,10 @@ def main(argv=None):
     dev = torch.device(a.device)
     vals = make_batch().to(dev)
     valid = torch.ones_like(vals, dtype=torch.bool)
-    res = dict(device=str(dev), gpu=torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+    res = dict(command=" ".join(["python", *sys.argv]), device=str(dev), gpu=torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
                cpu=platform.processor() or platform.machine(), torch_threads=torch.get_num_threads(),
-               torch=torch.__version__, batch=list(vals.shape), runs={})
+               omp_num_threads=os.environ.get("OMP_NUM_THREADS"), cpu_count=os.cpu_count(),
+               load_avg=os.getloadavg(), torch=torch.__version__, batch=list(vals.shape), runs={})
     for name, n_fit in (("subsampled_16384", 16384), ("full_200704", 0)):
         _, p_sk = sklearn_loop(vals, valid, n_fit)
         t_sk = timeit(lambda: sklearn_loop(vals, valid, n_fit), torch.device("cpu"), a.sklearn_repeats)
