@@ -56,7 +56,7 @@ def voc_palette(n: int = 256) -> np.ndarray:
         pal[i] = rgb
     return pal
 
-# %% ../nbs/01_data.ipynb #77ecda89
+# %% ../nbs/01_data.ipynb #ce2f0892
 def _pair(lo=0.0, hi=float("inf"), ordered=True):
     return dict(check=lambda v: len(v) == 2 and lo < v[0] <= hi and lo < v[1] <= hi and (v[0] <= v[1] or not ordered),
                 check_msg=f"must be two numbers (min, max) in ({lo}, {hi}]")
@@ -72,6 +72,12 @@ config_keys("data",
     main_view_blur_p=(1.0, "probability of the Gaussian blur on the main training view (quirk q2)",
                       dict(check=lambda v: 0 <= v <= 1, check_msg="must be in [0, 1]")),
     blur_radius=((0.1, 2.0), "radius range (pixels) of the training views' Gaussian blur", _pair()),
+    jitter_p=(0.8, "probability of the colour jitter on the training views",
+              dict(check=lambda v: 0 <= v <= 1, check_msg="must be in [0, 1]")),
+    jitter_hue=(0.1, "hue range of the colour jitter (fraction of the colour circle; 0 = no hue shift)",
+                dict(check=lambda v: 0 <= v <= 0.5, check_msg="must be in [0, 0.5]")),
+    gray_p=(0.2, "probability of converting a training view to grayscale",
+            dict(check=lambda v: 0 <= v <= 1, check_msg="must be in [0, 1]")),
     rrc_scale=((0.32, 1.0), "DSKD RandomResizedCrop area range", _pair(0.0, 1.0)),
     rrc_ratio=((0.75, 1.3333333), "DSKD RandomResizedCrop aspect-ratio range", _pair()),
     train_split=("", "training split ('' = the data set's default)"),
@@ -84,9 +90,10 @@ config_keys("data",
     val_resize=(448, "validation during training resizes images to this square size (METHOD a.13; 0 = no resize)",
                 dict(check=lambda v: v >= 0, check_msg="must be >= 0")),
 )
-extend_preset("base", demo=dict(crop_size=96, val_resize=96, scale_range=(0.6, 1.2), blur_radius=(0.1, 0.5)))
+extend_preset("base", demo=dict(crop_size=96, val_resize=96, scale_range=(0.6, 1.2), blur_radius=(0.1, 0.5)),
+              synthetic=dict(gray_p=0.0, jitter_hue=0.0))
 
-# %% ../nbs/01_data.ipynb #07a4da1d
+# %% ../nbs/01_data.ipynb #444aaa96
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
     "What a data set is: name, class names (background first), number of foreground classes, folder, default splits."
@@ -131,7 +138,7 @@ def dataset_info(cfg) -> DatasetInfo:
     names = CLASS_NAMES[name]
     return DatasetInfo(name, names, len(names) - 1, root, *DEFAULT_SPLITS[name])
 
-# %% ../nbs/01_data.ipynb #6c2e869d
+# %% ../nbs/01_data.ipynb #c61faaee
 PREP_HINT = "See data/README.md for the preparation steps"
 
 @dataclasses.dataclass(frozen=True)
@@ -196,7 +203,7 @@ def mask_files(layout: Layout, split: str, names: list[str]) -> list[Path]:
     return _existing_files([layout.mask_path(split, n) for n in names], "masks", layout.list_file(split),
                            layout.mask_dir(split))
 
-# %% ../nbs/01_data.ipynb #61d75f6d
+# %% ../nbs/01_data.ipynb #ba2fbf65
 def read_image(path) -> np.ndarray:
     "uint8 HxWx3 RGB array of an image file; a clear error for a missing or unreadable file."
     path = Path(path)
@@ -232,7 +239,7 @@ def save_mask(path, mask: np.ndarray):
     im = Image.fromarray(np.asarray(mask, np.uint8), "P"); im.putpalette(voc_palette().tobytes())
     Path(path).parent.mkdir(parents=True, exist_ok=True); im.save(path)
 
-# %% ../nbs/01_data.ipynb #f4f2e49a
+# %% ../nbs/01_data.ipynb #8d9a163e
 LABEL_FILE = "cls_labels_onehot.npy"
 
 def build_cls_labels(mask_paths: dict, num_classes: int) -> dict:
@@ -301,7 +308,7 @@ def labels_for(labels: dict, names: list[str], label_path, list_path) -> np.ndar
                          f"label file for this split ({label_build_cmd(label_path)}) or fix the list.")
     return np.stack([labels[n] for n in names]).astype(np.float32)
 
-# %% ../nbs/01_data.ipynb #e336f2bd
+# %% ../nbs/01_data.ipynb #0a8bbf15
 def check_layout(layout: Layout, need_masks: bool = False):
     "Error early, naming the folder, when a VOC/COCO folder lacks what it needs."
     if not layout.root.is_dir():
@@ -321,14 +328,15 @@ def resolve_root(cfg) -> Path:
     check_layout(Layout(info.name, info.root))
     return info.root
 
-# %% ../nbs/01_data.ipynb #3f52b1e2
+# %% ../nbs/01_data.ipynb #71a9d371
 def train_transform(cfg):
     "The training views of cfg.train_aug."
     if cfg.train_aug == "dskd":
-        return DSKDTrainView(cfg.crop_size, cfg.rrc_scale, cfg.rrc_ratio, cfg.main_view_blur_p,
-                             blur_radius=cfg.blur_radius)
+        return DSKDTrainView(cfg.crop_size, cfg.rrc_scale, cfg.rrc_ratio, cfg.main_view_blur_p, cfg.jitter_p,
+                             cfg.gray_p, blur_radius=cfg.blur_radius, hue=cfg.jitter_hue)
     return ToCoTrainView(cfg.crop_size, cfg.scale_range, cfg.ctc_views, cfg.toco_compat_double_flip,
-                         cfg.main_view_blur_p, blur_radius=cfg.blur_radius)
+                         cfg.main_view_blur_p, jitter_p=cfg.jitter_p, gray_p=cfg.gray_p, blur_radius=cfg.blur_radius,
+                         hue=cfg.jitter_hue)
 
 def _split_sources(cfg, split, root):
     info = dataset_info(cfg)
@@ -396,7 +404,7 @@ class ImageDataset(Dataset):
     def __getitem__(self, idx) -> dict:
         return dict(name=self.names[idx], img=normalize(read_image(self.images[idx])))
 
-# %% ../nbs/01_data.ipynb #5b278b0f
+# %% ../nbs/01_data.ipynb #5e66f6f4
 def _worker_init(worker_id):
     info = torch.utils.data.get_worker_info()
     s = info.seed % 2**32
@@ -473,7 +481,7 @@ def make_val_loader(cfg: Config, split: str | None = None, rank: int = 0, world_
     return DataLoader(Subset(ds, list(range(rank, len(ds), world_size))), batch_size=1, shuffle=False,
                       num_workers=cfg.num_workers, collate_fn=_collate)
 
-# %% ../nbs/01_data.ipynb #1649945a
+# %% ../nbs/01_data.ipynb #c5ee1c0c
 def make_toy_voc(root, n: int = 6, num_classes: int = 20, splits=("train_aug", "val"), seed: int = 0,
                  sizes=(24, 48), label_file: bool = True) -> Path:
     "Write a tiny VOC-layout data set (random images, rectangle objects with 255 borders) for tests and examples."
@@ -499,7 +507,7 @@ def make_toy_voc(root, n: int = 6, num_classes: int = 20, splits=("train_aug", "
     if label_file: save_cls_labels(root / LABEL_FILE, build_cls_labels(masks, num_classes))
     return root
 
-# %% ../nbs/01_data.ipynb #c8e8223b
+# %% ../nbs/01_data.ipynb #baaf883f
 def _load_sbd_mask(path) -> np.ndarray:
     from scipy.io import loadmat
     try: m = loadmat(path, squeeze_me=True, struct_as_record=False)["GTcls"].Segmentation
@@ -551,7 +559,7 @@ def build_label_file(dataset: str, root, splits, out=None, log=print) -> Path:
     log(f"wrote {out} ({len(labels)} images)")
     return out
 
-# %% ../nbs/01_data.ipynb #2a6bf71b
+# %% ../nbs/01_data.ipynb #8d1227b1
 def _ann_to_mask(segm, h: int, w: int) -> np.ndarray:
     from pycocotools import mask as mu
     if isinstance(segm, list):                        # polygons
@@ -642,7 +650,7 @@ def coco_to_masks(ann_file, image_dir, out_root, split: str, crowd: str = "class
     all_labels.update(labels); save_cls_labels(lf, all_labels)
     return res
 
-# %% ../nbs/01_data.ipynb #65410374
+# %% ../nbs/01_data.ipynb #227e0f60
 def check_dataset(dataset: str, root, splits, label_file: str = "", read_pixels: bool = True, log=print) -> dict:
     "Validate lists, images, masks and the label file of `splits`; errors name the first bad file."
     info = dataset_info(dataset)
@@ -715,6 +723,6 @@ def main(argv=None):
         root = resolve_root(cfg); print(root); return root
     if args.cmd == "check": return check_dataset(args.dataset, args.root, args.splits, args.label_file)
 
-# %% ../nbs/01_data.ipynb #1284a202
+# %% ../nbs/01_data.ipynb #e874cf77
 #| eval: false
 if __name__ == "__main__": main()

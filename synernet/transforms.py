@@ -66,7 +66,7 @@ def mirror_box(box, size: int):
     r0, r1, c0, c1 = (int(v) for v in box)
     return np.array([r0, r1, size - c1, size - c0], dtype=np.int64)
 
-# %% ../nbs/01b_transforms.ipynb #3319fd15
+# %% ../nbs/01b_transforms.ipynb #01976345
 def adjust_hue(img: Image.Image, f: float) -> Image.Image:
     "Shift the hue by f (fraction of the circle, in [-0.5, 0.5]) as torchvision does on PIL images."
     h, s, v = img.convert("HSV").split()
@@ -94,9 +94,9 @@ def to_grayscale(img: Image.Image) -> Image.Image:
     return img.convert("L").convert("RGB")
 
 def colour_view(img: Image.Image, rng: np.random.Generator, blur_p: float, jitter_p: float = 0.8,
-                gray_p: float = 0.2, solarize_p: float = 0.0, blur_radius=(0.1, 2.0)) -> Image.Image:
+                gray_p: float = 0.2, solarize_p: float = 0.0, blur_radius=(0.1, 2.0), hue: float = 0.1) -> Image.Image:
     "RandomApply(ColorJitter, jitter_p) -> RandomGrayscale(gray_p) -> GaussianBlur(blur_p) -> Solarization(solarize_p)."
-    if rng.random() < jitter_p: img = color_jitter(img, rng)
+    if rng.random() < jitter_p: img = color_jitter(img, rng, hue=hue)
     if rng.random() < gray_p: img = to_grayscale(img)
     if rng.random() < blur_p: img = img.filter(ImageFilter.GaussianBlur(radius=rng.uniform(*blur_radius)))
     if rng.random() < solarize_p: img = ImageOps.solarize(img)
@@ -123,14 +123,14 @@ def random_resized_crop(img: Image.Image, size: int, scale, ratio, rng, resample
     i, j, ch, cw = rrc_params(img.size[1], img.size[0], scale, ratio, rng)
     return img.crop((j, i, j + cw, i + ch)).resize((size, size), resample)
 
-# %% ../nbs/01b_transforms.ipynb #d4d43177
+# %% ../nbs/01b_transforms.ipynb #b356cba6
 class ToCoTrainView:
     "ToCo's training views: scaling, flip, padded crop with img_box, then the colour views (METHOD a.1)."
     def __init__(self, crop_size=448, scale_range=(0.5, 2.0), ctc_views=True, compat_double_flip=True,
                  main_blur_p=1.0, global2_scale=(0.4, 1.0), jitter_p=0.8, gray_p=0.2, local_blur_p=0.5,
-                 global2_blur_p=0.1, solarize_p=0.2, blur_radius=(0.1, 2.0)):
+                 global2_blur_p=0.1, solarize_p=0.2, blur_radius=(0.1, 2.0), hue=0.1):
         self.S, self.scale_range, self.ctc_views = int(crop_size), tuple(scale_range), ctc_views
-        self.blur_radius = tuple(blur_radius)
+        self.blur_radius, self.hue = tuple(blur_radius), float(hue)
         self.compat, self.main_blur_p, self.global2_scale = compat_double_flip, main_blur_p, tuple(global2_scale)
         self.jitter_p, self.gray_p, self.local_blur_p = jitter_p, gray_p, local_blur_p
         self.global2_blur_p, self.solarize_p = global2_blur_p, solarize_p
@@ -143,7 +143,7 @@ class ToCoTrainView:
 
     def _colour(self, a, rng, blur_p, solarize_p=0.0):
         return normalize(colour_view(Image.fromarray(a), rng, blur_p, self.jitter_p, self.gray_p, solarize_p,
-                                     self.blur_radius))
+                                     self.blur_radius, self.hue))
 
     def __call__(self, img: np.ndarray, rng: np.random.Generator) -> dict:
         crop, box = self.geometry(img, rng)
@@ -167,19 +167,20 @@ def box_mask(box, size: int) -> np.ndarray:
     m = np.zeros((size, size), bool); r0, r1, c0, c1 = (int(v) for v in box); m[r0:r1, c0:c1] = True
     return m
 
-# %% ../nbs/01b_transforms.ipynb #051e2340
+# %% ../nbs/01b_transforms.ipynb #4735e5aa
 class DSKDTrainView:
     "DSKD's training view: RandomResizedCrop, flip, ToCo's main-view colour ops; img_box is the full crop."
     def __init__(self, crop_size=448, scale=(0.32, 1.0), ratio=(0.75, 4 / 3), main_blur_p=1.0, jitter_p=0.8,
-                 gray_p=0.2, blur_radius=(0.1, 2.0)):
+                 gray_p=0.2, blur_radius=(0.1, 2.0), hue=0.1):
         self.S, self.scale, self.ratio = int(crop_size), tuple(scale), tuple(ratio)
         self.main_blur_p, self.jitter_p, self.gray_p, self.blur_radius = main_blur_p, jitter_p, gray_p, tuple(blur_radius)
+        self.hue = float(hue)
 
     def __call__(self, img: np.ndarray, rng: np.random.Generator) -> dict:
         a = np.asarray(random_resized_crop(Image.fromarray(img), self.S, self.scale, self.ratio, rng))
         a, _ = random_fliplr(a, rng)
         x = normalize(colour_view(Image.fromarray(a), rng, self.main_blur_p, self.jitter_p, self.gray_p,
-                                  blur_radius=self.blur_radius))
+                                  blur_radius=self.blur_radius, hue=self.hue))
         return dict(img=x, img_box=torch.tensor([0, self.S, 0, self.S], dtype=torch.int64))
 
 # %% ../nbs/01b_transforms.ipynb #a9bb68f1
