@@ -14,15 +14,18 @@ from .core import (CONFIG_KEYS, RESUME_IGNORED, Config, ConfigError, default_out
                            parse_cli)
 
 # %% auto #0
-__all__ = ['import_methods', 'split_nproc', 'torchrun_cmd', 'to_argv', 'build_config', 'train', 'run_dir_of', 'launch', 'main',
-           'run_training', 'load_learner', 'evaluate_run', 'read_metrics', 'plot_losses', 'metric_tables',
-           'show_predictions']
+__all__ = ['MECHANISM_MODULES', 'import_methods', 'split_nproc', 'torchrun_cmd', 'to_argv', 'build_config', 'train', 'run_dir_of',
+           'launch', 'main', 'run_training', 'load_learner', 'evaluate_run', 'read_metrics', 'plot_losses',
+           'metric_tables', 'show_predictions']
 
-# %% ../nbs/11_train.ipynb #dd633a90
+# %% ../nbs/11_train.ipynb #aad9cd12
+MECHANISM_MODULES = ("bmp", "pss", "amr")
+
 def import_methods() -> list[str]:
-    "Import every `synernet.*_method` module (registering all methods, presets and keys); returns their names."
+    "Import every `synernet.*_method` module and the mechanism modules (registering methods, presets, keys)."
     import synernet
-    names = sorted(m.name for m in pkgutil.iter_modules(synernet.__path__) if m.name.endswith("_method"))
+    names = sorted(m.name for m in pkgutil.iter_modules(synernet.__path__)
+                   if m.name.endswith("_method") or m.name in MECHANISM_MODULES)
     for n in names: importlib.import_module(f"synernet.{n}")
     return names
 
