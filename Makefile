@@ -2,7 +2,7 @@
 VENV ?= .venv
 export VENV
 
-.PHONY: install demo test export clean-nbs
+.PHONY: install demo test reports export clean-nbs
 
 install:
 	bash tools/install.sh
@@ -15,6 +15,15 @@ demo: install
 
 test: install
 	bash tools/test.sh
+
+# The committed reports/: the synthetic sweeps (3 seeds each; finished runs are skipped, so a re-run resumes), then
+# the tables and figures built from the run folders. Hours on a CPU: see reports/README.md for one grid at a time.
+GRIDS ?= ablation thresholds loss_weights methods
+SEEDS ?= 3
+reports: install
+	mkdir -p runs
+	for g in $(GRIDS); do $(VENV)/bin/papermill nbs/ablation.ipynb runs/$$g.ipynb -p grid $$g -p seeds $(SEEDS) || exit 1; done
+	$(VENV)/bin/papermill nbs/tables.ipynb runs/tables.ipynb
 
 # Developer helpers: regenerate synernet/ from the notebooks, and clean the notebooks.
 export: install
