@@ -183,7 +183,9 @@ def test_hub_check_is_bounded_when_the_network_hangs(monkeypatch):
     import socket
     from synernet.backbone import check_hub_reachable
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: time.sleep(10))   # a lookup that never returns
+    def hang(*a, **k):                     # a lookup that does not return in time (then fails, as a real one would)
+        time.sleep(10); raise OSError("timed out")
+    monkeypatch.setattr(socket, "create_connection", hang)
     t0 = time.monotonic()
     with pytest.raises(WeightsUnavailableError, match="no answer within 0.5 s"):
         check_hub_reachable(PAPER_BACKBONE, timeout=0.5)
