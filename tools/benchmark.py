@@ -10,7 +10,8 @@ real learner (data loading, CAMs, all losses of the phase in force, optimiser st
 the iterations after `--warmup`, from the per-iteration metric lines. Peak memory: CUDA max allocated on a GPU, the
 process's max RSS on a CPU (includes ~400 MB of Python and torch). Prints a Markdown table and writes
 reports/benchmark_<device>.json. The segmentation phase is switched on from the first iteration (`seg_start=0`) so
-that every loss of the method is timed.
+that every loss of the method is timed (with the NaN-guarded segmentation loss, which costs the same: an untrained
+network's first pseudo-labels can lack background or foreground, where ToCo's loss divides by zero).
 """
 import argparse, json, os, re, subprocess, sys, tempfile, time
 from pathlib import Path
@@ -23,7 +24,8 @@ def one(preset: str, scale: str, iters: int, warmup: int, batch: int | None) -> 
     import torch
     with tempfile.TemporaryDirectory() as d:
         kw = dict(preset=preset, dataset="synthetic", scale=scale, out_dir=d, max_iters=iters + warmup, log_every=1,
-                  eval_every=0, ckpt_every=0, final_eval="none", progress=False, seg_start=0)
+                  eval_every=0, ckpt_every=0, final_eval="none", progress=False, seg_start=0,
+                  seg_loss_nan_guard=True)   # random weights from step 0: ToCo's unguarded loss may be NaN (same cost)
         if scale == "paper": kw.update(pretrained=False, batch_size=batch or 2, crop_size=448)
         elif batch: kw.update(batch_size=batch)
         cfg = build_config(**kw)
