@@ -137,12 +137,28 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda": return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-# %% ../nbs/09_learner.ipynb #80f59b6d
+# %% ../nbs/09_learner.ipynb #6dee7c34
+def _check_mechanisms(cfg, method_cls):
+    "A related-mechanism switch (BMP, PSS, AMR) on a method that does not host mechanisms is an error, not ignored."
+    import sys
+    mech = sys.modules.get("synernet.mechanisms")       # registered by that module, if it was imported
+    if mech is None or getattr(method_cls, "mechs", None) is not None: return   # hosts declare `mechs`
+    on = [n for n in sorted(mech.MECHANISMS) if cfg[n]]
+    if on: raise ConfigError(f"{', '.join(on)} {'is a switch' if len(on) == 1 else 'are switches'} of the 'toco' "
+                             f"and 'synernet' methods; method {cfg.method!r} does not take "
+                             f"{'it' if len(on) == 1 else 'them'}. Use a toco- or synernet-based preset "
+                             f"(e.g. preset={on[0]!r} or 'synernet_{on[0]}') or switch it off.")
+
 class Learner:
     "Train and evaluate one method as configured; everything lands in the run folder."
     def __init__(self, cfg: Config, method_cls: type | None = None, train_loader=None, val_loader=None,
                  info=None):
         self.cfg = cfg
+        if method_cls is None:               # configuration errors stop the run before its folder is written
+            if cfg.method not in METHODS:
+                raise ConfigError(f"Unknown method {cfg.method!r}; registered: {sorted(METHODS)}.")
+            method_cls = METHODS[cfg.method]
+        _check_mechanisms(cfg, method_cls)
         self.run, self.device, self.log = start_run(cfg)
         self.rank, self.world = init_distributed(self.device)
         if info is None or train_loader is None or val_loader is None:
@@ -150,10 +166,6 @@ class Learner:
             train_loader = train_loader or data.make_train_loader(cfg, self.rank, self.world)
             val_loader = val_loader or data.make_val_loader(cfg, rank=self.rank, world_size=self.world)
         self.info, self.train_loader, self.val_loader = info, train_loader, val_loader
-        if method_cls is None:
-            if cfg.method not in METHODS:
-                raise ConfigError(f"Unknown method {cfg.method!r}; registered: {sorted(METHODS)}.")
-            method_cls = METHODS[cfg.method]
         self.method = method_cls(cfg, info, self.device)
         for k, m in self.method.modules.items(): self.method.modules[k] = m.to(self.device)
         self.optims = self.method.configure_optimizers()

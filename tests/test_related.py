@@ -274,3 +274,11 @@ def test_resume_is_exact_with_all_three(tmp_path, monkeypatch):
     lb = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lb] == [1, 2, 3, 4]
     assert _losses(la) == _losses(lb)
+
+
+@pytest.mark.parametrize("switch", ["bmp", "pss", "amr"])
+def test_switch_on_a_method_without_mechanisms_fails(switch, tmp_path):
+    "DSKD does not host the mechanisms: switching one on there is a clear error, not silently ignored."
+    with pytest.raises(ConfigError, match=f"{switch} is a switch of the 'toco' and 'synernet' methods"):
+        Learner(make_config("dskd", out_dir=str(tmp_path / "r"), **{**TINY, switch: True}))
+    assert not (tmp_path / "r").exists()          # refused before the run folder is written
