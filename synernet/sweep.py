@@ -63,7 +63,7 @@ def grid_cells(name: str) -> list[Cell]:
         raise ConfigError(f"Unknown grid {name!r}.{hint} Registered grids: {', '.join(GRIDS)}.")
     return GRIDS[name].cells
 
-# %% ../nbs/17_sweep.ipynb #aa5f8d99
+# %% ../nbs/17_sweep.ipynb #34759963
 SYNERNET_STEPS = (
     ("single", "single branch", dict(cross_supervision=False, mix_weights=(1.0, 1.0), csim_loss=False,
                                      bcam_attn_prop=False, bcam_ignore_band="ignore", pcam_spatial_bce=False,
@@ -83,6 +83,12 @@ def _ablation_cells() -> list[Cell]:
     for name, label, over in SYNERNET_STEPS:
         acc = {} if over is None else {**acc, **over}
         cells.append(Cell(f"synernet_{name}", label, "synernet", dict(acc), group="SynerNet"))
+    from synernet.train import import_methods           # the related mechanisms, on each host (RELATED.md)
+    import_methods()
+    for host, pre in (("ToCo", ""), ("SynerNet", "synernet_")):
+        for m in ("bmp", "pss", "amr"):
+            if f"{pre}{m}" in PRESETS:
+                cells.append(Cell(f"{pre}{m}", f"{host} + {m.upper()}", f"{pre}{m}", group="related mechanisms"))
     return cells
 
 GC_THRESHOLDS = ((0.75, 0.35), (0.85, 0.25), (0.90, 0.20))
