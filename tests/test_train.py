@@ -68,6 +68,21 @@ def test_train_notebook(tmp_path, dataset):
         assert not any(o.get("output_type") == "error" for c in ev["cells"] for o in c.get("outputs", []))
 
 
+def _method_presets():
+    from synernet.sweep import method_presets
+    return method_presets()
+
+
+@pytest.mark.parametrize("preset", [p for p in _method_presets() if p != "synernet"])   # synernet: the default above
+def test_train_notebook_every_preset(tmp_path, preset):
+    "Every registered method preset trains through the papermill notebook and writes its summary and figures."
+    params = dict(TINY, preset=preset, out_dir=tmp_path / "run", final_eval="single", seg_start=0,
+                  seg_loss_nan_guard=True)
+    _papermill("train.ipynb", tmp_path / "out.ipynb", params, tmp_path)
+    s = _check_run(tmp_path / "run", "synthetic")
+    assert s["preset"] == preset and s["seg_miou"] is not None
+
+
 def _train_cmd(out, **kw):
     args = dict(preset="toco", out_dir=out, deterministic=True, ckpt_every=2, max_iters=6, batch_size=2, log_every=1,
                 eval_every=0, final_eval="none", seg_start=3, seg_loss_nan_guard=True, progress=False,
