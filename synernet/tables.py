@@ -457,28 +457,18 @@ def per_class_heatmap(runs: pd.DataFrame, grid: str | None = "methods", title: s
     fig.tight_layout()
     return fig
 
-# %% ../nbs/17a_tables.ipynb #aafbf3e3
+# %% ../nbs/17a_tables.ipynb #a26228ca
 def _label_map_rows(run_dir, role: str, n: int, device=None):
-    import torch, torch.nn.functional as F
-    from synernet.train import load_learner
-    from synernet.transforms import denormalize
+    from synernet.train import load_learner, val_label_maps
     lrn = load_learner(run_dir, device=device)
     cfg = json.loads((Path(run_dir) / "config.json").read_text())
     src = label_sources(cfg)[role]
-    lrn._set_train(False)
     out = []
-    with torch.no_grad():
-        for i, s in enumerate(lrn.val_loader):
-            if i >= n: break
-            img, mask, y = (s[k].to(lrn.device) for k in ("img", "mask", "cls_label"))
-            x = F.interpolate(img, size=(lrn.cfg.val_resize,) * 2, mode="bilinear", align_corners=False) \
-                if lrn.cfg.val_resize else img
-            with lrn.autocast(): labels = lrn.method.eval_labels(x, y, mask.shape[-2:])
-            name = src if src in labels else role
-            if name not in labels:
-                raise KeyError(f"{run_dir}: the method's label maps {sorted(labels)} have no {src!r} or {role!r}")
-            out.append((denormalize(img[0]).permute(1, 2, 0).clamp(0, 1).cpu().numpy(),
-                        labels[name][0][0].cpu().numpy(), mask[0].cpu().numpy(), name))
+    for im, labels, mask in val_label_maps(lrn, n):
+        name = src if src in labels else role
+        if name not in labels:
+            raise KeyError(f"{run_dir}: the method's label maps {sorted(labels)} have no {src!r} or {role!r}")
+        out.append((im, labels[name].cpu().numpy(), mask.cpu().numpy(), name))
     del lrn
     return out
 

@@ -16,7 +16,7 @@ from .core import (CONFIG_KEYS, RESUME_IGNORED, Config, ConfigError, default_out
 # %% auto #0
 __all__ = ['MECHANISM_MODULES', 'import_methods', 'split_nproc', 'torchrun_cmd', 'to_argv', 'build_config', 'train', 'run_dir_of',
            'launch', 'main', 'run_training', 'load_learner', 'evaluate_run', 'read_metrics', 'plot_losses',
-           'metric_tables', 'show_predictions']
+           'metric_tables', 'val_label_maps', 'show_predictions']
 
 # %% ../nbs/11_train.ipynb #aad9cd12
 MECHANISM_MODULES = ("bmp", "pss", "amr")
@@ -155,7 +155,7 @@ def evaluate_run(run_dir, checkpoint: str = "final.pt", split: str | None = None
         _atomic_write(Path(run_dir) / "eval_summary.json", json.dumps(out, indent=2))
     return out
 
-# %% ../nbs/11_train.ipynb #cc70a407
+# %% ../nbs/11_train.ipynb #ffebe8f8
 def read_metrics(run_dir) -> list[dict]:
     "The metric lines of a run folder (a truncated last line is skipped)."
     f = Path(run_dir) / "metrics.jsonl"
@@ -187,13 +187,9 @@ def metric_tables(res: dict):
     return miou.round(2), pd.DataFrame(pc).round(2)
 
 @torch.no_grad()
-def show_predictions(lrn, n: int = 3):
-    "A figure of `n` validation images: the image, each label map of the method (CAM, pseudo-label, ...), the truth."
-    import matplotlib.pyplot as plt, numpy as np
-    from synernet.data import voc_palette
+def val_label_maps(lrn, n: int = 3) -> list:
+    "[(image HxWx3 in [0, 1], {name: label map [H,W]}, truth [H,W])] of the method on the first `n` validation images."
     from synernet.transforms import denormalize
-    pal = voc_palette() / 255.0
-    colour = lambda m: pal[np.asarray(m.cpu(), np.int64)]
     lrn._set_train(False)
     rows = []
     for i, s in enumerate(lrn.val_loader):
@@ -204,6 +200,15 @@ def show_predictions(lrn, n: int = 3):
         with lrn.autocast(): labels = lrn.method.eval_labels(x, y, mask.shape[-2:])
         rows.append((denormalize(img[0]).permute(1, 2, 0).clamp(0, 1).cpu().numpy(),
                      {k: v[0][0] for k, v in labels.items()}, mask[0]))
+    return rows
+
+def show_predictions(lrn, n: int = 3):
+    "A figure of `n` validation images: the image, each label map of the method (CAM, pseudo-label, ...), the truth."
+    import matplotlib.pyplot as plt, numpy as np
+    from synernet.data import voc_palette
+    pal = voc_palette() / 255.0
+    colour = lambda m: pal[np.asarray(m.cpu(), np.int64)]
+    rows = val_label_maps(lrn, n)
     if not rows: raise ValueError("The validation split is empty: nothing to show.")
     names = list(rows[0][1])
     fig, axs = plt.subplots(len(rows), len(names) + 2, figsize=(2.2 * (len(names) + 2), 2.2 * len(rows)),
