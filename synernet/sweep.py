@@ -12,8 +12,8 @@ from .core import CONFIG_KEYS, RESUME_IGNORED, Config, ConfigError, PRESETS, _at
 
 # %% auto #0
 __all__ = ['GRIDS', 'SYNERNET_STEPS', 'GC_THRESHOLDS', 'LOSS_WEIGHTS', 'SMOKE', 'Cell', 'Grid', 'register_grid', 'grid_cells',
-           'method_presets', 'Job', 'plan', 'is_finished', 'job_status', 'train_notebook', 'papermill_argv',
-           'JobResult', 'SweepReport', 'run_sweep']
+           'method_presets', 'Job', 'plan', 'reused_run', 'finished_runs', 'is_finished', 'job_status',
+           'train_notebook', 'papermill_argv', 'JobResult', 'SweepReport', 'run_sweep']
 
 # %% ../nbs/17_sweep.ipynb #cac1f124
 _SAFE = re.compile(r"^[A-Za-z0-9_.+-]+$")
@@ -195,10 +195,33 @@ def plan(grid: str, seeds=3, dataset: str = "synthetic", data_root: str | None =
             jobs.append(job)
     return jobs
 
-# %% ../nbs/17_sweep.ipynb #395bfe04
+# %% ../nbs/17_sweep.ipynb #320a66a2
 def _read_json(f: Path):
     try: return json.loads(Path(f).read_text())
     except (OSError, ValueError): return None
+
+def _config_key(cfg: dict) -> str:
+    "The identity of a run's setting: its config without the keys that may differ between folders of one run."
+    d = json.loads(json.dumps(cfg, default=str))
+    return json.dumps({k: v for k, v in sorted(d.items()) if k not in RESUME_IGNORED}, sort_keys=True)
+
+def reused_run(run_dir) -> Path | None:
+    "The run folder that `run_dir` reuses (its `sweep.json` names one in `reuses`), or None."
+    meta = _read_json(Path(run_dir) / "sweep.json")
+    if not isinstance(meta, dict) or not meta.get("reuses"): return None
+    return (Path(run_dir) / meta["reuses"]).resolve()
+
+def _same_run(job, run_dir) -> bool:
+    c = _read_json(Path(run_dir) / "config.json")
+    return isinstance(c, dict) and is_finished(run_dir) and _config_key(c) == _config_key(job.config().to_dict())
+
+def finished_runs(out_root) -> dict:
+    "Every finished run folder under `out_root` (any grid), keyed by its setting and seed: what a new job may reuse."
+    index = {}
+    for f in sorted(Path(out_root).glob("*/*/config.json")):
+        c = _read_json(f)
+        if isinstance(c, dict) and is_finished(f.parent): index.setdefault(_config_key(c), f.parent.resolve())
+    return index
 
 def is_finished(run_dir) -> bool:
     "True when `run_dir` holds a final `summary.json` for the full `max_iters` of its `config.json`."
@@ -209,7 +232,10 @@ def is_finished(run_dir) -> bool:
 def job_status(job: Job) -> tuple[str, str]:
     "('finished' | 'partial' | 'new' | 'conflict', why) for a job's run folder."
     f = job.run_dir / "config.json"
-    if not f.exists(): return "new", "no run in the folder yet"
+    if not f.exists():
+        twin = reused_run(job.run_dir)
+        if twin is not None and _same_run(job, twin): return "finished", f"reuses {twin}"
+        return "new", "no run in the folder yet"
     try: old = Config.load(f)
     except (ConfigError, ValueError, OSError) as e: return "conflict", f"unreadable {f}: {e}"
     diff = job.config().diff(old, ignore=RESUME_IGNORED)
@@ -220,7 +246,7 @@ def job_status(job: Job) -> tuple[str, str]:
     has_ckpt = (job.run_dir / "checkpoints" / "latest.pt").exists()
     return "partial", "resumes from checkpoints/latest.pt" if has_ckpt else "started, no checkpoint yet (restarts)"
 
-# %% ../nbs/17_sweep.ipynb #d490dd6d
+# %% ../nbs/17_sweep.ipynb #2eaaf662
 def train_notebook() -> Path:
     "The training notebook of this checkout (`nbs/train.ipynb` next to the package)."
     import synernet
@@ -245,7 +271,7 @@ def _gpu_slots(gpus) -> list[str] | None:
 class JobResult:
     job: Job
     before: str               # the status found: finished / partial / new / conflict
-    outcome: str              # skipped / ok / failed
+    outcome: str              # skipped / reused / ok / failed
     returncode: int | None = None
     seconds: float = 0.0
     message: str = ""
@@ -264,9 +290,10 @@ class SweepReport:
                                   outcome=r.outcome, exit_code=r.returncode, seconds=round(r.seconds, 1),
                                   run_dir=str(r.job.run_dir), message=r.message) for r in self.results])
     def summary(self) -> str:
-        n = {k: sum(r.outcome == k for r in self.results) for k in ("skipped", "ok", "failed", "planned")}
+        n = {k: sum(r.outcome == k for r in self.results) for k in ("skipped", "reused", "ok", "failed", "planned")}
         lines = [f"sweep {self.grid!r}: {len(self.results)} jobs: {n['skipped']} already finished (skipped), "
-                 f"{n['ok']} ran ok, {n['failed']} failed" + (f", {n['planned']} planned (dry run)" if n["planned"] else "")]
+                 + (f"{n['reused']} reused from another grid's identical run, " if n["reused"] else "")
+                 + f"{n['ok']} ran ok, {n['failed']} failed" + (f", {n['planned']} planned (dry run)" if n["planned"] else "")]
         for r in self.failed:
             lines.append(f"  FAILED {r.job.grid}/{r.job.name}: {r.message}")
         return "\n".join(lines)
@@ -288,7 +315,8 @@ def _run_one(job: Job, argv: list[str], env: dict, procs: set, lock) -> tuple[in
 def run_sweep(grid: str, seeds=3, dataset: str = "synthetic", data_root: str | None = None,
               max_iters: int | None = None, out_root="runs/sweeps", workers: int = 1, gpus=None, nproc: int = 1,
               scale: str | None = None, cells=None, notebook=None, dry_run: bool = False,
-              raise_on_failure: bool = True, launcher: Callable | None = None, **overrides) -> SweepReport:
+              raise_on_failure: bool = True, launcher: Callable | None = None, reuse: bool = True,
+              **overrides) -> SweepReport:
     "Train every unfinished (cell, seed) of `grid` with papermill; `workers` processes or one job per GPU in `gpus`."
     jobs = plan(grid, seeds, dataset, data_root, max_iters, out_root, scale, cells, **overrides)
     slots = _gpu_slots(gpus)
@@ -307,8 +335,21 @@ def run_sweep(grid: str, seeds=3, dataset: str = "synthetic", data_root: str | N
     results, todo = {}, []
     print(f"sweep {grid!r} on {dataset}: {len(jobs)} jobs in {Path(out_root).resolve() / grid}, "
           f"{len(slots)} at a time" + (f" on GPUs {slots}" if slots[0] is not None else ""))
+    twins = finished_runs(out_root) if reuse else {}
     for j in jobs:
         st, why = status[j.name]
+        twin = twins.get(_config_key(j.config().to_dict())) if st == "new" else None
+        if twin is not None and twin != j.run_dir.resolve():
+            why = f"same config and seed as {twin}: reused, not trained again"
+            print(f"  {j.name:<28} {'reused':<9} {why}")
+            if not dry_run:
+                j.run_dir.mkdir(parents=True, exist_ok=True)
+                meta = dict(grid=j.grid, cell=j.cell.name, label=j.cell.label, group=j.cell.group, preset=j.cell.preset,
+                            overrides={**j.cell.overrides, **overrides}, seed=j.seed, params=j.params,
+                            reuses=os.path.relpath(twin, j.run_dir.resolve()))
+                _atomic_write(j.run_dir / "sweep.json", json.dumps(meta, indent=2, default=str))
+            results[j.name] = JobResult(j, st, "planned" if dry_run else "reused", message=why)
+            continue
         print(f"  {j.name:<28} {st:<9} {why}")
         if st == "finished": results[j.name] = JobResult(j, st, "skipped", message=why)
         elif st == "conflict": results[j.name] = JobResult(j, st, "failed", message=why)

@@ -76,7 +76,7 @@ PAPER_RESULTS = {
                          "with validation 3 h 43 min)")],
 }
 
-# %% ../nbs/17a_tables.ipynb #9dbf976b
+# %% ../nbs/17a_tables.ipynb #ae108cf0
 GRID_KEYS = ("gc_th_high", "gc_th_low", "w_ptc", "w_sim", "w_punc", "w_seg", "cross_supervision", "mix_weights",
              "csim_loss", "bcam_attn_prop", "bcam_ignore_band", "pcam_spatial_bce", "pcam_ignore_band", "fusion",
              "fusion_weights", "shared_encoder", "proto_contrast", "gc_enable")
@@ -142,24 +142,27 @@ def _run_row(d: Path, cfg: dict, s: dict, meta: dict | None, env: dict | None) -
     return row
 
 def collect_runs(root, dataset: str | None = None, warn: bool = True) -> pd.DataFrame:
-    "One row per finished run folder under `root` (optionally only `dataset`); the others are listed in a warning."
+    """One row per finished run folder under `root` (optionally only `dataset`); the others are listed in a warning.
+    A sweep folder whose `sweep.json` `reuses` another run gives a row with its own grid and cell and that run's results."""
     root = Path(root)
     if not root.exists(): raise FileNotFoundError(f"Runs folder {root} not found: run a sweep first (nbs/ablation.ipynb).")
     dirs = sorted({f.parent for n in ("config.json", "summary.json", "sweep.json") for f in root.rglob(n)
                    if "checkpoints" not in f.parts})
     rows, skipped = [], []
     for d in dirs:
-        cfg, why = _read_json(d / "config.json")
-        if cfg is None: skipped.append((str(d), why)); continue
-        s, why = _read_json(d / "summary.json")
-        if s is None: skipped.append((str(d), "unfinished: " + why if why.startswith("no ") else why)); continue
-        if s.get("iters") != cfg.get("max_iters"):
-            skipped.append((str(d), f"incomplete: summary has {s.get('iters')} iterations, config asks for "
-                                    f"{cfg.get('max_iters')}")); continue
         meta, why = _read_json(d / "sweep.json")
         if meta is None and not why.startswith("no "): skipped.append((str(d), why)); continue
+        src = (d / meta["reuses"]).resolve() if isinstance(meta, dict) and meta.get("reuses") else d
+        via = "" if src == d else f"reuses {src}, "       # a sweep's folder that points at an identical finished run
+        cfg, why = _read_json(src / "config.json")
+        if cfg is None: skipped.append((str(d), via + why)); continue
+        s, why = _read_json(src / "summary.json")
+        if s is None: skipped.append((str(d), via + ("unfinished: " + why if why.startswith("no ") else why))); continue
+        if s.get("iters") != cfg.get("max_iters"):
+            skipped.append((str(d), f"{via}incomplete: summary has {s.get('iters')} iterations, config asks for "
+                                    f"{cfg.get('max_iters')}")); continue
         if dataset and cfg.get("dataset") != dataset: continue
-        rows.append(_run_row(d, cfg, s, meta, _read_json(d / "env.json")[0]))
+        rows.append(_run_row(src, cfg, s, meta, _read_json(src / "env.json")[0]))
     df = pd.DataFrame(rows) if rows else pd.DataFrame(columns=RUN_COLUMNS)
     df.attrs["skipped"] = skipped
     if skipped and warn:
@@ -167,7 +170,7 @@ def collect_runs(root, dataset: str | None = None, warn: bool = True) -> pd.Data
                       "\n".join(f"  {p}: {why}" for p, why in skipped), stacklevel=2)
     return df
 
-# %% ../nbs/17a_tables.ipynb #98f65b8d
+# %% ../nbs/17a_tables.ipynb #d089a5a0
 def mean_std(values) -> tuple[float, float, int]:
     "(mean, sample std (ddof 1; nan for one value), n) of the non-missing values."
     v = np.asarray([float(x) for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))])
@@ -202,7 +205,7 @@ def aggregate(runs: pd.DataFrame, keys: list, cols: list) -> pd.DataFrame:
         out.append(r)
     return pd.DataFrame(out)
 
-# %% ../nbs/17a_tables.ipynb #a70dfd74
+# %% ../nbs/17a_tables.ipynb #41294f0d
 def _grid_runs(runs: pd.DataFrame, grid: str | None) -> pd.DataFrame:
     if runs.empty or grid is None: return runs
     return runs[runs["grid"] == grid]
@@ -375,7 +378,7 @@ def build_tables(runs: pd.DataFrame, grids: dict | None = None, numeric: bool = 
                 per_class_iou=per_class_table(runs, g["methods"], numeric),
                 training_cost=cost_table(runs, g["methods"], numeric))
 
-# %% ../nbs/17a_tables.ipynb #6e1241ab
+# %% ../nbs/17a_tables.ipynb #c0fd7929
 _TEX = {"±": r"$\pm$", "θh": r"$\theta_h$", "θl": r"$\theta_l$", "λ1": r"$\lambda_1$", "λ2": r"$\lambda_2$",
         "λ3": r"$\lambda_3$", "λ4": r"$\lambda_4$", "λ": r"$\lambda$", "θ": r"$\theta$"}
 
@@ -401,7 +404,7 @@ def write_table(df: pd.DataFrame, reports_dir, name: str, caption: str | None = 
     paths[2].write_text(to_latex(df, caption))
     return paths
 
-# %% ../nbs/17a_tables.ipynb #e36364a5
+# %% ../nbs/17a_tables.ipynb #40e8ba08
 def _read_metrics(run_dir) -> list[dict]:
     out = []
     f = Path(run_dir) / "metrics.jsonl"
@@ -457,7 +460,7 @@ def per_class_heatmap(runs: pd.DataFrame, grid: str | None = "methods", title: s
     fig.tight_layout()
     return fig
 
-# %% ../nbs/17a_tables.ipynb #a26228ca
+# %% ../nbs/17a_tables.ipynb #c1feb3e2
 def _label_map_rows(run_dir, role: str, n: int, device=None):
     from synernet.train import load_learner, val_label_maps
     lrn = load_learner(run_dir, device=device)
