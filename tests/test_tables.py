@@ -307,6 +307,32 @@ def test_plan_skips_finished_and_resumes_partial(tmp_path):
         run_sweep("smoke", seeds=1, max_iters=4, out_root=tmp_path, launcher=_fake_launcher)
 
 
+def test_overlapping_grids_share_runs(tmp_path):
+    "The real grids overlap (GC's default thresholds = the dskd_gc preset): such a job reuses the other grid's run."
+    run_sweep("methods", seeds=1, max_iters=2, out_root=tmp_path, cells=["dskd_gc"], launcher=_fake_launcher)
+    launched = []
+    def launcher(job):
+        launched.append(job.cell.name)
+        return _fake_launcher(job)
+    rep = run_sweep("thresholds", seeds=1, max_iters=2, out_root=tmp_path, launcher=launcher)
+    assert [(r.job.cell.name, r.outcome) for r in rep.results] == [
+        ("th0.75-0.35", "ok"), ("th0.85-0.25", "reused"), ("th0.90-0.20", "ok")]
+    assert launched == ["th0.75-0.35", "th0.90-0.20"]
+    assert not (tmp_path / "thresholds" / "th0.85-0.25-seed0" / "config.json").exists()
+    runs = collect_runs(tmp_path)
+    th = runs[runs.grid == "thresholds"].set_index("cell")
+    assert th.loc["th0.85-0.25", "run_dir"] == str((tmp_path / "methods" / "dskd_gc-seed0").resolve())
+    assert th.loc["th0.85-0.25", "config_id"] == runs.set_index("grid").loc["methods", "config_id"]
+    assert len(set(th.config_id)) == 3
+    # a second pass finds everything finished; with the reused run gone the job trains in its own folder
+    assert {r.outcome for r in run_sweep("thresholds", seeds=1, max_iters=2, out_root=tmp_path,
+                                         launcher=launcher).results} == {"skipped"}
+    (tmp_path / "methods" / "dskd_gc-seed0" / "summary.json").unlink()
+    rep = run_sweep("thresholds", seeds=1, max_iters=2, out_root=tmp_path, launcher=launcher)
+    assert [r.outcome for r in rep.results] == ["skipped", "ok", "skipped"]
+    assert (tmp_path / "thresholds" / "th0.85-0.25-seed0" / "summary.json").exists()
+
+
 def _papermill(nb, out, params, cwd):
     args = [sys.executable, "-m", "papermill", str(REPO / "nbs" / nb), str(out), "--no-progress-bar", "-k", "python3"]
     for k, v in params.items(): args += ["-p", k, str(v)]
