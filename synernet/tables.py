@@ -76,7 +76,7 @@ PAPER_RESULTS = {
                          "with validation 3 h 43 min)")],
 }
 
-# %% ../nbs/17a_tables.ipynb #ae108cf0
+# %% ../nbs/17a_tables.ipynb #abea146d
 GRID_KEYS = ("gc_th_high", "gc_th_low", "w_ptc", "w_sim", "w_punc", "w_seg", "cross_supervision", "mix_weights",
              "csim_loss", "bcam_attn_prop", "bcam_ignore_band", "pcam_spatial_bce", "pcam_ignore_band", "fusion",
              "fusion_weights", "shared_encoder", "proto_contrast", "gc_enable")
@@ -114,6 +114,11 @@ def config_id(cfg: dict) -> str:
     d = {k: v for k, v in sorted(cfg.items()) if k not in CONFIG_ID_IGNORED}
     return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
+def _cpu_name(start: dict) -> str:
+    "'cpu (2 cores, 1 thread)': the threads matter, a sweep with 2 workers on 2 cores gives each run one."
+    t = start.get("torch_threads")
+    return f"cpu ({start.get('cpu_count')} cores" + (f", {t} thread{'s' * (t != 1)})" if t else ")")
+
 def _run_row(d: Path, cfg: dict, s: dict, meta: dict | None, env: dict | None) -> dict:
     src = label_sources(cfg)
     m = s.get("metrics") or {}
@@ -137,7 +142,7 @@ def _run_row(d: Path, cfg: dict, s: dict, meta: dict | None, env: dict | None) -
     row.update(per_class_iou=s.get("per_class_iou"), per_class_source=s.get("per_class_source"),
                train_seconds=s.get("train_seconds"), images_per_second=s.get("images_per_second"),
                peak_memory_mb=s.get("peak_memory_mb"), device=s.get("device"),
-               hardware=start.get("gpu") or (f"cpu ({start.get('cpu_count')} cores)" if start else s.get("device")),
+               hardware=start.get("gpu") or (_cpu_name(start) if start else s.get("device")),
                git_commit=(start.get("git") or {}).get("commit"))
     return row
 
