@@ -159,11 +159,11 @@ class ToCoMethod(Method):
         mech_load_state(self, state)
     def log_extras(self) -> dict: return mech_log(self)
 
-# %% ../nbs/10_toco_method.ipynb #a6b85e20
+# %% ../nbs/10_toco_method.ipynb #796d8584
 register_preset("toco", "ToCo (CVPR 2023), with its quirks in compatibility mode", parent="base",
     all=dict(method="toco", train_aug="toco", ctc_views=True, toco_compat_double_flip=True,
              ptc_box_mode="toco_compat", seg_loss_nan_guard=False, lr_schedule="poly"),
     coco=dict(bkg_thre=0.45, high_thre=0.65, low_thre=0.25, ctc_temp=1.0, seg_start=8001, contrast_start=12001,
               seg_label_final_start=12001, infer_scales=(1.0, 1.25, 1.5)),
-    demo=dict(seg_start=150, max_iters=400),
+    demo=dict(seg_start=150, max_iters=400, seg_loss_nan_guard=True),
 )

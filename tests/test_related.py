@@ -59,9 +59,9 @@ def test_registry_and_presets():
 
 # ---------------------------------------------------------------- switched off = the host, bit for bit
 @pytest.mark.parametrize("preset,host,off", [
-    ("bmp", "toco", dict(bmp=False, seg_loss_nan_guard=False)),
+    ("bmp", "toco", dict(bmp=False)),
     ("pss", "toco", dict(pss=False)),
-    ("amr", "toco", dict(amr=False, seg_loss_nan_guard=False)),
+    ("amr", "toco", dict(amr=False)),
     ("synernet_pss", "synernet", dict(pss=False, **SYN)),
 ])
 def test_switched_off_is_the_host(preset, host, off, tmp_path):
@@ -282,3 +282,12 @@ def test_switch_on_a_method_without_mechanisms_fails(switch, tmp_path):
     with pytest.raises(ConfigError, match=f"{switch} is a switch of the 'toco' and 'synernet' methods"):
         Learner(make_config("dskd", out_dir=str(tmp_path / "r"), **{**TINY, switch: True}))
     assert not (tmp_path / "r").exists()          # refused before the run folder is written
+
+
+def test_demo_guards_toco_seg_loss_paper_keeps_it():
+    "ToCo's exact seg loss (NaN for a batch without background or foreground) at paper scale; guarded on the tiny demo."
+    from synernet.train import build_config
+    for p in ("toco", "pss", "bmp", "amr"):
+        assert build_config(preset=p).seg_loss_nan_guard, p
+    assert [build_config(preset=p, dataset=d).seg_loss_nan_guard for p in ("toco", "pss") for d in ("voc", "coco")] \
+        == [False] * 4
