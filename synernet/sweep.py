@@ -124,7 +124,7 @@ register_grid("smoke", "two tiny cells (batch 2, one validation image) for tests
               [Cell("toco", "ToCo (smoke)", "toco", dict(SMOKE), group="smoke"),
                Cell("dskd_gc", "DSKD+GC (smoke)", "dskd_gc", dict(SMOKE), group="smoke")])
 
-# %% ../nbs/17_sweep.ipynb #479047a3
+# %% ../nbs/17_sweep.ipynb #c4ebfdd2
 _SWEEP_OWNED = ("preset", "seed", "out_dir", "dataset", "data_root", "scale", "max_iters")
 
 @dataclasses.dataclass
@@ -143,6 +143,11 @@ class Job:
     def config(self) -> Config:
         from synernet.train import build_config
         return build_config(**self.params)
+    def meta(self, overrides: dict | None = None) -> dict:
+        "What the job's `sweep.json` says of it: grid, cell, row label, group, preset, overrides, seed, parameters."
+        return dict(grid=self.grid, cell=self.cell.name, label=self.cell.label, group=self.cell.group,
+                    preset=self.cell.preset, overrides={**self.cell.overrides, **(overrides or {})}, seed=self.seed,
+                    params=self.params)
 
 def _seed_list(seeds) -> list[int]:
     if isinstance(seeds, str):       # '3' (a count) or '0,1,2' / '[0, 1, 2]' (a list) from a command line
@@ -246,7 +251,7 @@ def job_status(job: Job) -> tuple[str, str]:
     has_ckpt = (job.run_dir / "checkpoints" / "latest.pt").exists()
     return "partial", "resumes from checkpoints/latest.pt" if has_ckpt else "started, no checkpoint yet (restarts)"
 
-# %% ../nbs/17_sweep.ipynb #2eaaf662
+# %% ../nbs/17_sweep.ipynb #0e04465f
 def train_notebook() -> Path:
     "The training notebook of this checkout (`nbs/train.ipynb` next to the package)."
     import synernet
@@ -344,9 +349,7 @@ def run_sweep(grid: str, seeds=3, dataset: str = "synthetic", data_root: str | N
             print(f"  {j.name:<28} {'reused':<9} {why}")
             if not dry_run:
                 j.run_dir.mkdir(parents=True, exist_ok=True)
-                meta = dict(grid=j.grid, cell=j.cell.name, label=j.cell.label, group=j.cell.group, preset=j.cell.preset,
-                            overrides={**j.cell.overrides, **overrides}, seed=j.seed, params=j.params,
-                            reuses=os.path.relpath(twin, j.run_dir.resolve()))
+                meta = dict(j.meta(overrides), reuses=os.path.relpath(twin, j.run_dir.resolve()))
                 _atomic_write(j.run_dir / "sweep.json", json.dumps(meta, indent=2, default=str))
             results[j.name] = JobResult(j, st, "planned" if dry_run else "reused", message=why)
             continue
@@ -369,9 +372,7 @@ def run_sweep(grid: str, seeds=3, dataset: str = "synthetic", data_root: str | N
         try:
             env = {**os.environ, **threads}
             if slot is not None: env["CUDA_VISIBLE_DEVICES"] = slot
-            meta = dict(grid=job.grid, cell=job.cell.name, label=job.cell.label, group=job.cell.group,
-                        preset=job.cell.preset, overrides={**job.cell.overrides, **overrides}, seed=job.seed,
-                        params=job.params)
+            meta = job.meta(overrides)
             argv = list(launcher(job))
             meta["command"] = shlex.join(argv)
             _atomic_write(job.run_dir / "sweep.json", json.dumps(meta, indent=2, default=str))
