@@ -3,7 +3,18 @@ import os
 from pathlib import Path
 import pytest
 
-FIXTURES = Path(os.environ.get("SYNERNET_FIXTURES", Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "toco"))
+#: The reference fixtures live in the repository, one folder per family (`toco/`, `toco_step/`, `deformer_step/`), so
+#: the parity tests run in any clone. `SYNERNET_FIXTURES_ROOT` names another folder with the same subfolders (for
+#: example an independent set of the same format) and overrides it for every parity test.
+FIXTURES_ROOT = Path(os.environ.get("SYNERNET_FIXTURES_ROOT") or Path(__file__).resolve().parent / "fixtures")
+
+
+def fixture_dir(family: str) -> Path:
+    "The folder of one fixture family (`toco`, `toco_step`, ...) under the fixtures root."
+    return FIXTURES_ROOT / family
+
+
+FIXTURES = fixture_dir("toco")
 
 
 def pytest_configure(config):

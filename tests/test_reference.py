@@ -1,4 +1,4 @@
-"""Reference parity with ToCo: every fixture family in $SYNERNET_FIXTURES (default ../shared/fixtures/toco).
+"""Reference parity with ToCo: every fixture family in tests/fixtures/toco (or $SYNERNET_FIXTURES_ROOT/toco).
 
 Each `.npz` holds `case_names` and keys `<case>__<field>` (plus a few case-independent keys). The checks live beside
 this file, one module per area (`_ref_cam.py`, `_ref_losses.py`, `_ref_model.py`); each exports
@@ -25,7 +25,7 @@ for _m in AREAS:
 def load(family):
     path = Path(FIXTURES) / f"{family}.npz"
     if not path.exists():
-        pytest.fail(f"fixture family {family!r} is missing: {path} (set SYNERNET_FIXTURES to the fixtures folder)")
+        pytest.fail(f"fixture family {family!r} is missing: {path} (set SYNERNET_FIXTURES_ROOT to a folder holding toco/, toco_step/, ...)")
     d = np.load(path)
     names = [str(n) for n in d["case_names"]]
     cases = {n: {} for n in names}
