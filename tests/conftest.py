@@ -14,7 +14,8 @@ def fixture_dir(family: str) -> Path:
     return FIXTURES_ROOT / family
 
 
-FIXTURES = fixture_dir("toco")
+#: The function-level ToCo family; `SYNERNET_FIXTURES` (older name) still points at that one folder directly.
+FIXTURES = Path(os.environ["SYNERNET_FIXTURES"]) if os.environ.get("SYNERNET_FIXTURES") else fixture_dir("toco")
 
 
 def pytest_configure(config):
