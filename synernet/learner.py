@@ -23,7 +23,7 @@ from .transforms import denormalize
 
 # %% auto #0
 __all__ = ['METHODS', 'init_distributed', 'Forward', 'unwrap', 'register_method', 'Method', 'save_checkpoint', 'load_checkpoint',
-           'peak_memory_mb', 'Learner']
+           'peak_memory_mb', 'train_iteration', 'Learner']
 
 # %% ../nbs/09_learner.ipynb #07c801fb
 config_keys("learner",
@@ -149,6 +149,35 @@ def _check_mechanisms(cfg, method_cls):
                              f"{'it' if len(on) == 1 else 'them'}. Use a toco- or synernet-based preset "
                              f"(e.g. preset={on[0]!r} or 'synernet_{on[0]}') or switch it off.")
 
+def train_iteration(method: Method, optims: list, batch: dict, n: int, grad_clip: float = 0.0,
+                    autocast=contextlib.nullcontext, last_ckpt=None, on_backward=None):
+    """One training iteration `n` of `method`, exactly as `Learner.fit` runs it: the phase weights, the method's step,
+    the weighted total, backward, optional clipping, then for each active optimiser its scheduler (which sets this
+    update's lr) and its update, then `after_step`. Returns (losses, weights, total). `on_backward(method)` is called
+    after backward and before the updates (a replay test reads the gradients there)."""
+    weights = method.loss_weights(n)
+    with autocast():
+        losses = method.training_step(batch, n, weights)
+    total = sum(weights.get(k, 0.0) * v for k, v in losses.items() if weights.get(k, 0.0) != 0)
+    if not torch.is_tensor(total):
+        raise RuntimeError(f"iteration {n}: no loss has a non-zero weight (weights {weights})")
+    if not torch.isfinite(total):
+        raise FloatingPointError(f"iteration {n}: the loss is {total.item()} "
+                                 f"({ {k: float(v) for k, v in losses.items()} }); the last checkpoint is {last_ckpt}")
+    idx = method.active_optimizers(n)
+    active = optims if idx is None else [optims[i] for i in idx]
+    for o, _ in optims: o.zero_grad(set_to_none=True)
+    total.backward()
+    if grad_clip > 0:
+        params = [p for k in method.trainable for p in method.modules[k].parameters()]
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    if on_backward is not None: on_backward(method)
+    for o, s in active:
+        if s is not None: s.step()      # sets this update's lr before the update (ToCo's convention)
+        o.step()
+    method.after_step(n)
+    return losses, weights, total
+
 class Learner:
     "Train and evaluate one method as configured; everything lands in the run folder."
     def __init__(self, cfg: Config, method_cls: type | None = None, train_loader=None, val_loader=None,
@@ -221,27 +250,8 @@ class Learner:
             t0 = time.time()
             batch = next(it)
             batch = {k: _to(v, self.device) for k, v in batch.items()}
-            weights = self.method.loss_weights(n)
-            with self.autocast():
-                losses = self.method.training_step(batch, n, weights)
-            total = sum(weights.get(k, 0.0) * v for k, v in losses.items() if weights.get(k, 0.0) != 0)
-            if not torch.is_tensor(total):
-                raise RuntimeError(f"iteration {n}: no loss has a non-zero weight (weights {weights})")
-            if not torch.isfinite(total):
-                raise FloatingPointError(f"iteration {n}: the loss is {total.item()} "
-                                         f"({ {k: float(v) for k, v in losses.items()} }); the last checkpoint is "
-                                         f"{self.run.ckpt_dir / 'latest.pt'}")
-            idx = self.method.active_optimizers(n)
-            active = self.optims if idx is None else [self.optims[i] for i in idx]
-            for o, _ in self.optims: o.zero_grad(set_to_none=True)
-            total.backward()
-            if cfg.grad_clip > 0:
-                params = [p for k in self.method.trainable for p in self.method.modules[k].parameters()]
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            for o, s in active:
-                if s is not None: s.step()      # sets this update's lr before the update (ToCo's convention)
-                o.step()
-            self.method.after_step(n)
+            losses, weights, total = train_iteration(self.method, self.optims, batch, n, cfg.grad_clip,
+                                                     self.autocast, self.run.ckpt_dir / "latest.pt")
             self.train_seconds += time.time() - t0
             for k, v in losses.items(): window[k].append(float(v.detach()))
             window["total"].append(float(total.detach()))
