@@ -18,9 +18,9 @@ from timm.models.vision_transformer import Block as _TimmBlock, VisionTransforme
 from .core import ConfigError, config_keys, extend_preset
 
 # %% auto #0
-__all__ = ['DEMO_ARCHS', 'PAPER_BACKBONE', 'WeightsUnavailableError', 'cached_weights', 'check_hub_reachable', 'build_vit',
-           'resolve_block', 'to2d', 'BackboneOut', 'resize_pos_embed', 'ViTBackbone', 'build_backbone',
-           'backbone_from_config']
+__all__ = ['DEMO_ARCHS', 'PAPER_BACKBONE', 'ARCH_KEYS', 'arch_overrides', 'WeightsUnavailableError', 'cached_weights',
+           'check_hub_reachable', 'build_vit', 'resolve_block', 'to2d', 'BackboneOut', 'resize_pos_embed',
+           'ViTBackbone', 'build_backbone', 'backbone_from_config']
 
 # %% ../nbs/02_backbone.ipynb #7337e750
 DEMO_ARCHS = {
@@ -31,6 +31,15 @@ PAPER_BACKBONE = "vit_base_patch16_224.orig_in21k_ft_in1k"
 
 def _check_backbone(name: str) -> bool:
     return name in DEMO_ARCHS or timm.is_model(name)
+
+_arch = dict(check=lambda v: v >= 0, check_msg="must be >= 0 (0 = the architecture's own value)")
+#: config key -> timm VisionTransformer argument, for building an encoder of any size by config
+ARCH_KEYS = dict(vit_patch_size="patch_size", vit_embed_dim="embed_dim", vit_depth="depth", vit_num_heads="num_heads",
+                 vit_mlp_ratio="mlp_ratio", vit_img_size="img_size")
+
+def arch_overrides(cfg) -> dict:
+    "The timm constructor arguments set by the `vit_*` keys of `cfg` (a Config or a dict); unset (0) keys are left out."
+    return {arg: cfg[k] for k, arg in ARCH_KEYS.items() if cfg[k]}
 
 config_keys("model",
     backbone=(PAPER_BACKBONE, "encoder: a timm ViT name (with pretrained tag), or 'vit_tiny_p8_demo' for CPU runs",
@@ -45,6 +54,13 @@ config_keys("model",
     def_compat_qkv=(False, "quirk q6: no qkv bias, LayerNorm eps 1e-5, pretrained qkv biases dropped (DEFormer code)"),
     drop_path=(0.0, "stochastic depth rate of the encoder", dict(check=lambda v: 0 <= v < 1, check_msg="in [0, 1)")),
     freeze_pos_embed=(True, "keep the positional embedding fixed (ToCo freezes it; DEFormer trains it)"),
+    vit_patch_size=(0, "encoder patch size (0 = the architecture's own)", _arch),
+    vit_embed_dim=(0, "encoder width (0 = the architecture's own)", _arch),
+    vit_depth=(0, "number of encoder blocks (0 = the architecture's own)", _arch),
+    vit_num_heads=(0, "attention heads per block (0 = the architecture's own)", _arch),
+    vit_mlp_ratio=(0.0, "MLP hidden width / encoder width (0 = the architecture's own)", _arch),
+    vit_img_size=(0, "image size the positional embedding is built for; other sizes resize it (0 = the "
+                     "architecture's own)", _arch),
 )
 extend_preset("base", demo=dict(backbone="vit_tiny_p8_demo", pretrained=False, aux_layer=-3),
               coco_paper=dict(aux_layer=9))
@@ -131,9 +147,13 @@ def _create(timm_name, kw, weights=None):
     return timm.create_model(timm_name, pretrained=True, pretrained_cfg_overlay=overlay, **kw)
 
 def build_vit(name: str = PAPER_BACKBONE, pretrained: bool = False, weights_file: str | os.PathLike = "",
-              def_compat_qkv: bool = False, drop_path: float = 0.0, hub_timeout: float = 3.0) -> _TimmViT:
-    "A timm VisionTransformer (no classifier head) with weights from `weights_file`, the cache or the hub."
+              def_compat_qkv: bool = False, drop_path: float = 0.0, hub_timeout: float = 3.0,
+              arch: dict | None = None) -> _TimmViT:
+    """A timm VisionTransformer (no classifier head) with weights from `weights_file`, the cache or the hub.
+    `arch` overrides the architecture's size (timm arguments `patch_size`, `embed_dim`, `depth`, `num_heads`,
+    `mlp_ratio`, `img_size`; see `arch_overrides`)."""
     timm_name, kw = _timm_arch(name)
+    kw.update(arch or {})
     kw.update(num_classes=0, drop_path_rate=drop_path)
     compat = dict(qkv_bias=False, norm_layer=functools.partial(nn.LayerNorm, eps=1e-5)) if def_compat_qkv else {}
     weights = None
@@ -270,12 +290,12 @@ class ViTBackbone(nn.Module):
 
 def build_backbone(name: str = PAPER_BACKBONE, pretrained: bool = False, weights_file: str | os.PathLike = "",
                    def_compat_qkv: bool = False, drop_path: float = 0.0, freeze_pos_embed: bool = True,
-                   hub_timeout: float = 3.0) -> ViTBackbone:
+                   hub_timeout: float = 3.0, arch: dict | None = None) -> ViTBackbone:
     "`ViTBackbone` around `build_vit(...)`."
-    return ViTBackbone(build_vit(name, pretrained, weights_file, def_compat_qkv, drop_path, hub_timeout),
+    return ViTBackbone(build_vit(name, pretrained, weights_file, def_compat_qkv, drop_path, hub_timeout, arch),
                        freeze_pos_embed)
 
 def backbone_from_config(cfg) -> ViTBackbone:
     "The encoder a config describes (keys of group 'model')."
     return build_backbone(cfg.backbone, cfg.pretrained, cfg.weights_file, cfg.def_compat_qkv, cfg.drop_path,
-                          cfg.freeze_pos_embed)
+                          cfg.freeze_pos_embed, arch=arch_overrides(cfg))

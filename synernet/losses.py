@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from .core import config_keys, extend_preset
 
 # %% auto #0
-__all__ = ['cls_loss', 'label_to_aff_mask', 'ptc_loss', 'crop_from_roi', 'ctc_loss', 'seg_loss']
+__all__ = ['cls_loss', 'label_to_aff_mask', 'ptc_loss', 'crop_candidates', 'crop_from_roi', 'LocalCropSampler', 'ctc_loss',
+           'seg_loss']
 
 # %% ../nbs/05_losses.ipynb #b092a102
 config_keys("loss",
@@ -68,10 +69,22 @@ def ptc_loss(tokens: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255
     return 0.5 * (1 - pos_term) + 0.5 * neg_term
 
 # %% ../nbs/05_losses.ipynb #bb5699b5
+def crop_candidates(roi: torch.Tensor, crop_num: int, crop_size: int) -> torch.Tensor:
+    """Candidate top-left corners of local crops, `[B, nh*nw]` bool over the `nh x nw` grid of positions (row-major):
+    those whose crop centre is not confident foreground (roi <= 1); every position where fewer than `crop_num` are."""
+    m = crop_size // 2
+    B, H, W = roi.shape
+    nh, nw = H - 2 * m, W - 2 * m
+    cand = (roi[:, m:m + nh, m:m + nw] <= 1).reshape(B, -1)
+    return cand | (cand.sum(1, keepdim=True) < crop_num)               # too few candidates: every position
+
 def crop_from_roi(images: torch.Tensor, roi: torch.Tensor, crop_num: int = 8, crop_size: int = 96,
-                  generator: torch.Generator | None = None, fill_thre: float = 0.2, return_corners: bool = False):
+                  generator: torch.Generator | None = None, fill_thre: float = 0.2, return_corners: bool = False,
+                  corners: torch.Tensor | None = None):
     """Local crops for CTC centred on non-confident ROI points. Returns (list of `crop_num` crops `[B,C,s,s]`,
-    flags `[B, 2+crop_num]` int64), plus the corners `[B, crop_num, 2]` (h0, w0) if `return_corners`."""
+    flags `[B, 2+crop_num]` int64), plus the corners `[B, crop_num, 2]` (h0, w0) if `return_corners`.
+    `corners` (top-left (row, col) of each crop, `[B, crop_num, 2]`) replaces the random draw: the crops and flags
+    are then those of the given positions (a replay of another implementation's draws)."""
     if images.ndim != 4 or roi.shape != (images.shape[0], *images.shape[2:]):
         raise ValueError(f"crop_from_roi: images must be [B,C,H,W] and roi [B,H,W] of the same size, got "
                          f"{tuple(images.shape)} and {tuple(roi.shape)}")
@@ -82,11 +95,20 @@ def crop_from_roi(images: torch.Tensor, roi: torch.Tensor, crop_num: int = 8, cr
     if nh <= 0 or nw <= 0 or nh * nw < crop_num:
         raise ValueError(f"crop_from_roi: crop_size={crop_size} and crop_num={crop_num} do not fit in {H}x{W} "
                          f"images (there are {max(nh, 0) * max(nw, 0)} crop positions); lower ctc_crop_size")
-    cand = (roi[:, m:m + nh, m:m + nw] <= 1).reshape(B, -1)
-    cand = cand | (cand.sum(1, keepdim=True) < crop_num)               # too few candidates: every position
-    keys = torch.rand(B, nh * nw, generator=generator, device=generator.device if generator is not None else dev).to(dev)
-    idx = keys.masked_fill(~cand, -1.0).topk(crop_num, dim=1).indices   # [B,K]
-    h0, w0 = idx // nw, idx % nw
+    if corners is None:
+        cand = crop_candidates(roi, crop_num, crop_size)
+        keys = torch.rand(B, nh * nw, generator=generator,
+                          device=generator.device if generator is not None else dev).to(dev)
+        idx = keys.masked_fill(~cand, -1.0).topk(crop_num, dim=1).indices   # [B,K]
+        h0, w0 = idx // nw, idx % nw
+    else:
+        corners = torch.as_tensor(corners, device=dev).long()
+        if corners.shape != (B, crop_num, 2):
+            raise ValueError(f"crop_from_roi: corners must be [B, crop_num, 2] = [{B}, {crop_num}, 2], got "
+                             f"{tuple(corners.shape)}")
+        if (corners < 0).any() or (corners[..., 0] > H - crop_size).any() or (corners[..., 1] > W - crop_size).any():
+            raise ValueError(f"crop_from_roi: a given corner puts a {crop_size}-px crop outside the {H}x{W} image")
+        h0, w0 = corners[..., 0], corners[..., 1]
     ar = torch.arange(crop_size, device=dev)
     rows, cols = (h0[..., None] + ar)[..., :, None], (w0[..., None] + ar)[..., None, :]   # [B,K,s,1], [B,K,1,s]
     b = torch.arange(B, device=dev)[:, None, None, None]
@@ -96,6 +118,28 @@ def crop_from_roi(images: torch.Tensor, roi: torch.Tensor, crop_num: int = 8, cr
     flags[:, 2:] = (fill > fill_thre).long()
     out = ([crops[:, k] for k in range(crop_num)], flags)
     return out + (torch.stack([h0, w0], -1),) if return_corners else out
+
+# %% ../nbs/05_losses.ipynb #57dce7eb
+class LocalCropSampler:
+    "CTC's local-crop sampler: `sampler(images, roi) -> (crops, flags)`; draws with its own generator or uses given corners."
+    def __init__(self, crop_num: int = 8, crop_size: int = 96, fill_thre: float = 0.2,
+                 generator: torch.Generator | None = None):
+        self.crop_num, self.crop_size, self.fill_thre = int(crop_num), int(crop_size), float(fill_thre)
+        self.generator = generator if generator is not None else torch.Generator(device="cpu")
+        self.given, self.last_corners = None, None
+
+    def give(self, corners):
+        "Use these corners `[B, crop_num, 2]` (top-left row, col) for the next call instead of drawing."
+        self.given = torch.as_tensor(corners).long()
+
+    def __call__(self, images: torch.Tensor, roi: torch.Tensor):
+        given, self.given = self.given, None
+        crops, flags, self.last_corners = crop_from_roi(images, roi, self.crop_num, self.crop_size, self.generator,
+                                                        self.fill_thre, return_corners=True, corners=given)
+        return crops, flags
+
+    def state_dict(self) -> dict: return dict(gen=self.generator.get_state())
+    def load_state_dict(self, sd: dict): self.generator.set_state(sd["gen"])
 
 # %% ../nbs/05_losses.ipynb #984092f5
 def ctc_loss(student: torch.Tensor, teacher: torch.Tensor, flags: torch.Tensor, temp: float = 0.5,
@@ -115,8 +159,9 @@ def ctc_loss(student: torch.Tensor, teacher: torch.Tensor, flags: torch.Tensor, 
     pos = (flags != 0).to(z.device)[:, None, :]                         # [B,1,V]
     log_eps = z.new_full((B, 2, 1), math.log(eps))
     c = torch.logsumexp(torch.cat([z.masked_fill(pos, -math.inf), log_eps], -1), -1, keepdim=True)  # log(n+eps)
-    pos_terms = torch.where(pos, torch.logaddexp(z, c) - z, z.new_zeros(()))
-    else_term = torch.logaddexp(torch.zeros_like(c), c)[..., 0]         # log(1 + n + eps), once per image
+    # -log(e^z / (e^z + n + eps)) = log(1 + e^(c - z)) = softplus(c - z): no cancellation in float32
+    pos_terms = torch.where(pos, F.softplus(c - z), z.new_zeros(()))
+    else_term = F.softplus(c)[..., 0]                                   # log(1 + n + eps), once per image
     l = pos_terms.sum(-1) + else_term                                   # [B,2]
     return (l.sum(-1) / 2 / (pos[:, 0].sum(-1).to(z.dtype) + eps)).mean()
 

@@ -13,11 +13,12 @@ import torch.nn.functional as F
 from torch.nn.utils.parametrizations import weight_norm
 
 from .core import CONFIG_KEYS, ConfigError, config_keys, extend_preset
-from .backbone import BackboneOut, ViTBackbone, build_backbone, resolve_block, to2d
+from .backbone import ARCH_KEYS, BackboneOut, ViTBackbone, arch_overrides, build_backbone, resolve_block, to2d
 
 # %% auto #0
 __all__ = ['MODEL_ARGS', 'LargeFOV', 'CTCHead', 'pool_tokens', 'model_args', 'ToCoOut', 'ToCoNet', 'lr_param_groups',
-           'poly_warmup_factor', 'cosine_warmup_factor', 'WarmupLR', 'build_optimizer']
+           'poly_warmup_factor', 'cosine_warmup_factor', 'WarmupLR', 'build_optimizer', 'set_adamw_state', 'toco_name',
+           'load_toco_state_dict']
 
 # %% ../nbs/07_toco.ipynb #f5bd776b
 _pos = dict(check=lambda v: v > 0, check_msg="must be > 0")
@@ -90,7 +91,7 @@ def pool_tokens(feat: torch.Tensor, mode: str = "gmp", k: int = 5) -> torch.Tens
 # %% ../nbs/07_toco.ipynb #573187eb
 MODEL_ARGS = ("backbone", "pretrained", "weights_file", "aux_layer", "pool", "pool_k", "def_compat_qkv", "drop_path",
               "freeze_pos_embed", "decoder_dim", "proj_dim", "proj_hidden", "proj_bottleneck", "efficient_forward",
-              "ctc_head_momentum")
+              "ctc_head_momentum", *ARCH_KEYS)
 
 def model_args(cfg=None, **overrides) -> dict:
     "The model's construction arguments: key defaults <- `cfg` <- `overrides` (validated like any config value)."
@@ -119,7 +120,7 @@ class ToCoNet(nn.Module):
         a = self.args = model_args(cfg, **overrides)
         self.num_classes = int(num_classes)
         self.backbone = build_backbone(a["backbone"], a["pretrained"], a["weights_file"], a["def_compat_qkv"],
-                                       a["drop_path"], a["freeze_pos_embed"])
+                                       a["drop_path"], a["freeze_pos_embed"], arch=arch_overrides(a))
         D = self.backbone.embed_dim
         self.aux_layer = resolve_block(a["aux_layer"], self.backbone.depth, "aux_layer")
         self.pool, self.pool_k = a["pool"], a["pool_k"]
@@ -266,7 +267,12 @@ class WarmupLR:
         mine = self.state_dict()
         diff = {k: (sd[k], mine[k]) for k in mine if k != "t" and sd.get(k) != mine[k]}
         if diff: raise ConfigError(f"lr schedule differs from the checkpoint's (saved, now): {diff}")
-        self.t = int(sd["t"])
+        self.start_at(int(sd["t"]))
+
+    def start_at(self, t: int):
+        "Continue as after `t` updates: the next `step()` sets the lrs of update number `t`."
+        if t < 0: raise ValueError(f"start_at: t must be >= 0, got {t}")
+        self.t = int(t)
         if self.t > 0:
             for g, lr in zip(self.optimizer.param_groups, self.lr_at(self.t - 1)): g["lr"] = lr
 
@@ -275,3 +281,56 @@ def build_optimizer(model: nn.Module, cfg) -> tuple[torch.optim.AdamW, WarmupLR]
     opt = torch.optim.AdamW(model.param_groups(cfg.lr, cfg.head_lr_mult, cfg.weight_decay), lr=cfg.lr,
                             betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
     return opt, WarmupLR(opt, cfg.max_iters, cfg.warmup_iters, cfg.warmup_ratio, cfg.poly_power, cfg.lr_schedule)
+
+# %% ../nbs/07_toco.ipynb #688c1082
+def set_adamw_state(optimizer: torch.optim.Optimizer, step: int, exp_avg: dict, exp_avg_sq: dict,
+                    names: Sequence[str] | None = None):
+    """Give each parameter of `optimizer` AdamW's state after `step` updates with the moments `exp_avg[name]`,
+    `exp_avg_sq[name]` (names as in the groups' `names` lists). Parameters left out of `names` (default: those in
+    `exp_avg`) keep an empty state, as a parameter that never had a gradient does."""
+    if step < 0: raise ValueError(f"set_adamw_state: step must be >= 0, got {step}")
+    known = {n: p for g in optimizer.param_groups for n, p in zip(g.get("names", ()), g["params"])}
+    if not known: raise ValueError("set_adamw_state: the optimiser's groups carry no 'names' (use lr_param_groups)")
+    names = list(exp_avg) if names is None else list(names)
+    unknown = sorted(set(names) - set(known))
+    if unknown: raise KeyError(f"set_adamw_state: no parameter named {unknown[:5]} in the optimiser's groups")
+    for n in names:
+        p = known[n]
+        m, v = torch.as_tensor(exp_avg[n]), torch.as_tensor(exp_avg_sq[n])
+        if m.shape != p.shape or v.shape != p.shape:
+            raise ValueError(f"set_adamw_state: moments of {n} have shapes {tuple(m.shape)}, {tuple(v.shape)}; the "
+                             f"parameter has {tuple(p.shape)}")
+        optimizer.state[p] = dict(step=torch.tensor(float(step), dtype=torch.float32),
+                                  exp_avg=m.to(p.device, p.dtype).clone(), exp_avg_sq=v.to(p.device, p.dtype).clone())
+
+# %% ../nbs/07_toco.ipynb #261af662
+_TOCO_SUFFIXES = ((".last_layer.weight_g", ".last_layer.parametrizations.weight.original0"),
+                  (".last_layer.weight_v", ".last_layer.parametrizations.weight.original1"))
+
+def toco_name(toco: str) -> str | None:
+    "The name here of ToCo's parameter `toco`; None for the parameters ToCo holds but never uses (`encoder.head.*`)."
+    n = toco[len("module."):] if toco.startswith("module.") else toco
+    if n.startswith("encoder.head."): return None
+    if n.startswith("encoder."): n = "backbone." + n[len("encoder."):]
+    for theirs, ours in _TOCO_SUFFIXES:
+        if n.endswith(theirs): n = n[: -len(theirs)] + ours
+    return n
+
+def load_toco_state_dict(net: nn.Module, sd: dict) -> list[str]:
+    "Load a state dict named as ToCo names its parameters into `net`; returns the skipped ToCo names (unused head)."
+    if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict): sd = sd["model"]
+    mine = net.state_dict()
+    mapped, skipped = {}, []
+    for k, v in sd.items():
+        n = toco_name(k)
+        if n is None: skipped.append(k); continue
+        if n not in mine: raise KeyError(f"ToCo parameter {k!r} (here {n!r}) has no counterpart in this network")
+        if tuple(v.shape) != tuple(mine[n].shape):
+            raise ValueError(f"ToCo parameter {k!r} has shape {tuple(v.shape)}, this network's {n!r} has "
+                             f"{tuple(mine[n].shape)}: build the network at the checkpoint's sizes (vit_*, decoder_dim, "
+                             "proj_* keys)")
+        mapped[n] = torch.as_tensor(v)
+    missing = sorted(set(mine) - set(mapped))
+    if missing: raise KeyError(f"the ToCo state dict lacks {missing[:6]}{' ...' if len(missing) > 6 else ''}")
+    net.load_state_dict(mapped)
+    return skipped

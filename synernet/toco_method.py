@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from .core import config_keys, register_preset, extend_preset
 from .cam import multi_scale_cam, cam_to_label, token_labels, cam_to_roi_mask, valid_cam
 from .par import PAR, refine_cams_with_bkg
-from .losses import cls_loss, ptc_loss, crop_from_roi, ctc_loss, seg_loss
+from .losses import cls_loss, ptc_loss, LocalCropSampler, ctc_loss, seg_loss
 from .toco import ToCoNet, build_optimizer
 from .transforms import denormalize
 from .learner import Method, register_method, unwrap, Forward
@@ -64,6 +64,7 @@ class ToCoMethod(Method):
         self.trainable = ("net",)
         self.par = PAR(cfg.par_dilations, cfg.par_iters, cfg.par_w1, cfg.par_w2).to(device)
         self.gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)   # local-crop sampling
+        self.crop_sampler = LocalCropSampler(cfg.ctc_crop_num, cfg.ctc_crop_size, cfg.ctc_fill_thre, self.gen)
         self.mechs = build_mechanisms(self)
 
     @property
@@ -99,6 +100,8 @@ class ToCoMethod(Method):
 
     def training_step(self, batch, n, w):
         c, x, y, box = self.cfg, batch["img"], batch["cls_label"], batch["img_box"]
+        if c.inactive_losses != "skip":   # compute every loss, also those whose weight is 0 now (see the learner)
+            w = {k: v if v or k not in self.loss_names else 1.0 for k, v in w.items()}
         S = Step(self, x, y, box, n, w) if self.mechs else None
         need_cam = w["ptc"] or w["ctc"] or w["seg"] or (S is not None and S.need_ms)
         if need_cam:
@@ -108,24 +111,29 @@ class ToCoMethod(Method):
         if w["ctc"]:
             crops = batch["crops"]
             roi = cam_to_roi_mask(cam_aux, y, c.high_thre, c.low_thre)
-            l, flags = crop_from_roi(crops[2], roi, c.ctc_crop_num, c.ctc_crop_size, generator=self.gen,
-                                     fill_thre=c.ctc_fill_thre)
+            l, flags = self.crop_sampler(crops[2], roi)
             g = [crops[0], crops[1]]
+            self.record(roi=roi, crop_flags=flags, crop_corners=self.crop_sampler.last_corners)
         if S is None: out, proj = self.modules["net"](toco_forward, x, g, l, with_seg=bool(w["seg"]))
         else: (out, proj), ext = self.modules["net"](mech_forward, S, toco_forward, x, g, l,
                                                      with_seg=bool(w["seg"]) or S.need_seg)
         L = dict(cls=cls_loss(out.cls_logits, y), aux=cls_loss(out.cls_aux_logits, y))
+        self.record(cls_logits=out.cls_logits, cls_aux_logits=out.cls_aux_logits, feat=out.feat, seg_logits=out.seg)
+        if need_cam: self.record(cam=cam, cam_aux=cam_aux)
+        if proj is not None: self.record(proj_teacher=proj[0], proj_student=proj[1])
         if w["ctc"]:
             L["ctc"] = ctc_loss(proj[1], proj[0], flags.to(x.device), c.ctc_temp)
         if w["ptc"]:
             tl = token_labels(cam_aux, y, box, self.patch, out.feat.shape[-2:], c.ptc_box_mode,
                               c.bkg_thre, c.high_thre, c.low_thre)
             L["ptc"] = ptc_loss(out.feat, tl)
+            self.record(token_labels=tl)
         if w["seg"]:
             lc = cam if n >= c.seg_label_final_start else cam_aux
             if S and n >= c.seg_label_final_start: lc = S.label_cams({"": cam})[""]
             Y = self.pseudo_labels(x, lc, y, box)
             if S: Y = S.adjust_targets({"": Y}, {"": lc})[""]
+            self.record(seg_labels=Y)
             seg = F.interpolate(out.seg, size=x.shape[-2:], mode="bilinear", align_corners=False)
             L["seg"] = (S.c2s_loss(seg_loss) if S else seg_loss)(seg, Y, nan_guard=c.seg_loss_nan_guard)
         if S: L.update(S.losses({"": out}, ext))
@@ -162,8 +170,8 @@ class ToCoMethod(Method):
 # %% ../nbs/10_toco_method.ipynb #796d8584
 register_preset("toco", "ToCo (CVPR 2023), with its quirks in compatibility mode", parent="base",
     all=dict(method="toco", train_aug="toco", ctc_views=True, toco_compat_double_flip=True,
-             ptc_box_mode="toco_compat", seg_loss_nan_guard=False, lr_schedule="poly"),
-    coco=dict(bkg_thre=0.45, high_thre=0.65, low_thre=0.25, ctc_temp=1.0, seg_start=8001, contrast_start=12001,
-              seg_label_final_start=12001, infer_scales=(1.0, 1.25, 1.5)),
+             ptc_box_mode="toco_compat", seg_loss_nan_guard=False, lr_schedule="poly", inactive_losses="zero_grad"),
+    coco=dict(bkg_thre=0.45, high_thre=0.65, low_thre=0.25, ctc_temp=1.0, infer_scales=(1.0, 1.25, 1.5)),
+    coco_paper=dict(seg_start=8001, contrast_start=12001, seg_label_final_start=12001),
     demo=dict(seg_start=150, max_iters=400, seg_loss_nan_guard=True),
 )

@@ -1,0 +1,279 @@
+"""Whole-iteration parity of the `toco` preset with ToCo's own training step (fixture family `toco_step`).
+
+Each case of `tests/fixtures/toco_step/toco_step.npz` (or `$SYNERNET_FIXTURES_ROOT/toco_step/`) is one iteration of
+ToCo's VOC training loop computed with ToCo's own code from the same stored initial weights (its README describes every
+key). This test builds the `toco` preset at the fixture's sizes through config keys alone, loads the weights through
+the ToCo name map (`synernet.toco.load_toco_state_dict`), starts the optimiser and schedule at the case's iteration with
+the stored AdamW moments, gives the local-crop sampler ToCo's drawn corners, and runs the project's own iteration
+(`synernet.learner.train_iteration`, the code path of `Learner.fit`). It then compares every stored quantity: network
+outputs, ROI mask and crop flags, both pseudo-label maps, each named loss and the total, each group's learning rate,
+every gradient (and which parameters get none), the group gradient norms, every parameter after the update and the
+teacher head after its EMA update.
+
+Nothing depends on case names, shapes or values: cases are dispatched on the keys they hold, and a key that no check
+consumes fails the test (another fixture set of the same format must pass unchanged).
+"""
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import fixture_dir
+import synernet.toco_method  # noqa: F401  (registers the method and the preset)
+from synernet.core import make_config
+from synernet.learner import METHODS, train_iteration
+from synernet.toco import load_toco_state_dict, set_adamw_state, toco_name
+
+FAMILY = "toco_step"
+
+# fixture hyper-parameter -> config key (value converted by the function)
+HP_TO_CONFIG = {
+    "lr": ("lr", float), "warmup_lr": ("warmup_ratio", float), "wt_decay": ("weight_decay", float),
+    "power": ("poly_power", float), "max_iters": ("max_iters", int), "warmup_iters": ("warmup_iters", int),
+    "high_thre": ("high_thre", float), "low_thre": ("low_thre", float), "bkg_thre": ("bkg_thre", float),
+    "w_ptc": ("w_ptc", float), "w_ctc": ("w_ctc", float), "w_seg": ("w_seg", float), "temp": ("ctc_temp", float),
+    "momentum": ("ctc_head_momentum", float), "aux_layer": ("aux_layer", int),
+    "local_crop_size": ("ctc_crop_size", int), "ncrops": ("ctc_crop_num", lambda v: int(v) - 2),
+    "par_num_iter": ("par_iters", int), "par_dilations": ("par_dilations", lambda v: tuple(int(x) for x in v)),
+    "cam_scales": ("cam_scales", lambda v: tuple(float(x) for x in v)),
+    "patch_size": ("vit_patch_size", int), "embed_dim": ("vit_embed_dim", int), "depth": ("vit_depth", int),
+    "num_heads": ("vit_num_heads", int), "mlp_ratio": ("vit_mlp_ratio", float), "vit_img_size": ("vit_img_size", int),
+    "decoder_width": ("decoder_dim", int), "ctc_hidden": ("proj_hidden", int), "ctc_bottleneck": ("proj_bottleneck", int),
+    "ctc_out": ("proj_dim", int),
+    # ToCo switches the segmentation loss on for n > seg_switch_iter; here it is on from seg_start on
+    "seg_switch_iter": ("seg_start", lambda v: int(v) + 1),
+}
+# fixture hyper-parameters that are not config keys: each is checked against what the built network/optimiser uses
+HP_CHECKED = {"beta1", "beta2", "eps", "ln_eps", "decoder_dilation", "ignore_index", "num_classes", "w_reg"}
+
+# stored per-case output -> (trace key of the step, kind)
+TRACED = {
+    "cls": ("cls_logits", "logits"), "cls_aux": ("cls_aux_logits", "logits"), "fmap": ("feat", "logits"),
+    "segs": ("seg_logits", "logits"), "out_t": ("proj_teacher", "logits"), "out_s": ("proj_student", "logits"),
+    "cams_aux": ("cam_aux", "logits"), "roi_mask": ("roi", "labels"), "flags": ("crop_flags", "labels"),
+    "refined_pseudo_label": ("seg_labels", "labels"), "pseudo_label_aux": ("token_labels", "labels"),
+}
+LOSSES = {"cls_loss": "cls", "cls_loss_aux": "aux", "ptc_loss": "ptc", "ctc_loss": "ctc", "seg_loss": "seg"}
+INPUTS = {"n_iter", "inputs", "crop_global2", "crop_local_src", "cls_label", "img_box", "crop_pos", "crop_fallback"}
+
+# the README's tolerances per implementation precision
+TOL = {
+    torch.float64: dict(logits=dict(atol=1e-9, rtol=0), loss=dict(rtol=1e-9, atol=0), grad=dict(atol=1e-10, rtol=1e-8),
+                        param=dict(atol=1e-12, rtol=1e-10), lr=dict(atol=1e-12, rtol=1e-10), labels_frac=0.0),
+    torch.float32: dict(logits=dict(atol=1e-4, rtol=0), loss=dict(rtol=1e-4, atol=0), grad=dict(atol=1e-6, rtol=1e-3),
+                        param=dict(atol=1e-6, rtol=0), lr=dict(atol=1e-6, rtol=0), labels_frac=0.01),
+}
+
+
+def load_family():
+    path = fixture_dir(FAMILY) / f"{FAMILY}.npz"
+    if not path.exists():
+        pytest.fail(f"fixture family {FAMILY!r} is missing: {path} (set SYNERNET_FIXTURES_ROOT to a folder holding "
+                    f"{FAMILY}/)")
+    d = np.load(path)
+    names = [str(n) for n in d["case_names"]]
+    cases, glob = {n: {} for n in names}, {}
+    for k in d.files:
+        if k == "case_names":
+            continue
+        head, _, rest = k.partition("__")
+        if head in cases:
+            cases[head][rest] = d[k]
+        else:
+            glob[k] = d[k]
+    return cases, glob
+
+
+CASES, GLOB = load_family()
+
+
+def config_from_fixture(glob):
+    hp = {k[len("hp__"):]: v for k, v in glob.items() if k.startswith("hp__")}
+    unknown = set(hp) - set(HP_TO_CONFIG) - HP_CHECKED
+    assert not unknown, f"fixture hyper-parameters this test does not map or check: {sorted(unknown)}"
+    over = {key: conv(hp[name]) for name, (key, conv) in HP_TO_CONFIG.items() if name in hp}
+    # the `toco` preset (compatibility mode) at VOC paper scale, at the fixture's sizes; random init is replaced by
+    # the fixture's weights
+    cfg = make_config("toco", dataset="voc", scale="paper", backbone="vit_base_patch16_224", pretrained=False,
+                      drop_path=0.0, **over)
+    return cfg, hp
+
+
+def build(glob, dtype):
+    cfg, hp = config_from_fixture(glob)
+    C = int(hp["num_classes"]) - 1
+    info = types.SimpleNamespace(num_classes=C, class_names=[f"c{i}" for i in range(C + 1)])
+    method = METHODS[cfg.method](cfg, info, torch.device("cpu"))
+    net = method.core.to(dtype)
+    method.par.to(dtype)
+    weights = {k[len("weights__"):]: torch.from_numpy(v) for k, v in glob.items() if k.startswith("weights__")}
+    skipped = load_toco_state_dict(net, {k: v.to(dtype) for k, v in weights.items()})
+    assert all(toco_name(s) is None for s in skipped)
+    # hyper-parameters that are not config keys
+    opt = method.configure_optimizers()[0][0]
+    if "beta1" in hp:
+        assert opt.defaults["betas"] == (float(hp["beta1"]), float(hp["beta2"]))
+    if "eps" in hp:
+        assert opt.defaults["eps"] == float(hp["eps"])
+    if "ln_eps" in hp:
+        assert all(m.eps == float(hp["ln_eps"]) for m in net.backbone.modules() if isinstance(m, torch.nn.LayerNorm))
+    if "decoder_dilation" in hp:
+        assert net.decoder.conv6.dilation == (int(hp["decoder_dilation"]),) * 2
+    if "ignore_index" in hp:
+        assert int(hp["ignore_index"]) == 255
+    if "w_reg" in hp:  # the energy (reg) loss needs ToCo's compiled filter; the fixture switches it off
+        assert float(hp["w_reg"]) == 0.0, "the fixture uses the energy loss, which this preset does not have"
+    return cfg, method, weights
+
+
+def _ours(toco):
+    n = toco_name(toco)
+    return n
+
+
+def _close(got, want, what, atol=0.0, rtol=0.0):
+    got = got.detach().double().cpu().numpy() if torch.is_tensor(got) else np.asarray(got, np.float64)
+    want = np.asarray(want, np.float64)
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    err = np.abs(got - want) - (atol + rtol * np.abs(want))
+    if (err > 0).any():
+        k = np.unravel_index(np.argmax(err), got.shape)
+        raise AssertionError(f"{what}: at {k} got {got[k]!r}, want {want[k]!r} (atol {atol:g}, rtol {rtol:g}; "
+                             f"{int((err > 0).sum())} of {err.size} outside)")
+
+
+def _labels(got, want, what, frac):
+    got = got.detach().cpu().numpy().astype(np.int64) if torch.is_tensor(got) else np.asarray(got, np.int64)
+    want = np.asarray(want).astype(np.int64)
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    bad = got != want
+    assert bad.mean() <= frac, f"{what}: {int(bad.sum())} of {bad.size} entries differ (first at " \
+                               f"{np.argwhere(bad)[0].tolist()}: got {got[bad][0]}, want {want[bad][0]})"
+
+
+def replay(name, case, dtype):
+    tol = TOL[dtype]
+    cfg, method, weights = build(GLOB, dtype)
+    net = method.core
+    seen = set()
+
+    def take(k):
+        seen.add(k)
+        return case[k]
+
+    def t(k):
+        return torch.from_numpy(np.asarray(take(k))).to(dtype)
+
+    n = int(take("n_iter"))
+    optims = method.configure_optimizers()
+    opt, sched = optims[0]
+    # the four groups: ToCo's names (less the parameters that get no gradient) are this network's, group for group
+    no_grad = {str(s) for s in take("no_grad_names")}
+    for k, g in enumerate(opt.param_groups):
+        want = {_ours(str(s)) for s in GLOB[f"group{k}_names"] if str(s) not in no_grad}
+        assert set(g["names"]) == want, f"{name}: group {k} differs: {sorted(set(g['names']) ^ want)[:6]}"
+    # the optimiser as after n updates, with ToCo's moments
+    # (the moments are case-independent keys; a case may also carry its own)
+    src = {**{k: x for k, x in GLOB.items() if k.startswith("adam_exp_avg")},
+           **{k: x for k, x in case.items() if k.startswith("adam_exp_avg")}}
+    m = {_ours(k[len("adam_exp_avg__"):]): torch.from_numpy(x) for k, x in src.items() if k.startswith("adam_exp_avg__")}
+    v = {_ours(k[len("adam_exp_avg_sq__"):]): torch.from_numpy(x) for k, x in src.items()
+         if k.startswith("adam_exp_avg_sq__")}
+    seen |= {k for k in case if k.startswith("adam_exp_avg")}
+    assert set(m) == set(v) and None not in m
+    if n > 0:
+        assert m, f"{name}: iteration {n} > 0 without AdamW moments"
+        set_adamw_state(opt, n, m, v)
+        sched.start_at(n)
+    # the batch as ToCo's loop holds it, and the local-crop corners its sampler drew
+    x = t("inputs")
+    batch = dict(img=x, cls_label=t("cls_label"), img_box=torch.from_numpy(take("img_box")).long(),
+                 crops=[x, t("crop_global2"), t("crop_local_src")])
+    corners = torch.from_numpy(take("crop_pos")).long()
+    method.crop_sampler.give(corners)
+    method.trace = {}
+    grads = {}
+
+    def on_backward(meth):
+        for pn, p in meth.core.named_parameters():
+            grads[pn] = None if p.grad is None else p.grad.detach().clone()
+
+    losses, weights_n, total = train_iteration(method, optims, batch, n, on_backward=on_backward)
+    tr = method.trace
+
+    # the sampler's candidates and ToCo's permutation give exactly the injected corners
+    from synernet.losses import crop_candidates
+    cs, K = cfg.ctc_crop_size, cfg.ctc_crop_num
+    cand = crop_candidates(tr["roi"], K, cs)
+    nw = batch["crops"][2].shape[-1] - 2 * (cs // 2)
+    fallback = take("crop_fallback")
+    for i in range(cand.shape[0]):
+        pos = cand[i].nonzero()[:, 0]
+        perm = torch.from_numpy(take(f"randperm_{i}")).long()
+        assert len(perm) == len(pos), f"{name}: image {i} has {len(pos)} crop candidates, ToCo {len(perm)}"
+        pick = pos[perm[:K]]
+        assert torch.equal(torch.stack([pick // nw, pick % nw], -1), corners[i]), f"{name}: image {i} corners"
+        assert bool(fallback[i]) == bool((tr["roi"][i, cs // 2: -(cs // 2), cs // 2: -(cs // 2)] <= 1).sum() < K)
+    for k in case:
+        if k.startswith("randperm_"):
+            seen.add(k)
+
+    # traced intermediates
+    for key, (tk, kind) in TRACED.items():
+        if key not in case:
+            continue
+        want = take(key)
+        assert tk in tr, f"{name}: the step did not produce {tk!r} (for {key!r})"
+        if kind == "labels":
+            _labels(tr[tk], want, f"{name}/{key}", tol["labels_frac"])
+        else:
+            _close(tr[tk], want, f"{name}/{key}", **tol["logits"])
+    # losses, their phase weights and the total
+    for key, ln in LOSSES.items():
+        if key in case:
+            _close(losses[ln], take(key), f"{name}/{key}", **tol["loss"])
+    if "reg_loss" in case:
+        assert float(take("reg_loss")) == 0.0
+    _close(total, take("loss"), f"{name}/loss (weighted total, phase weights {weights_n})", **tol["loss"])
+    # learning rate each group used
+    _close([g["lr"] for g in opt.param_groups], take("lr"), f"{name}/lr", **tol["lr"])
+    # gradients
+    want_grads = {k[len("grad__"):]: v for k, v in case.items() if k.startswith("grad__")}
+    seen |= {"grad__" + k for k in want_grads}
+    for tn, g in want_grads.items():
+        ours = _ours(tn)
+        assert ours is not None and grads.get(ours) is not None, f"{name}: {tn} gets no gradient here"
+        _close(grads[ours], g, f"{name}/grad {tn}", **tol["grad"])
+    for tn in no_grad:
+        ours = _ours(tn)
+        assert ours is None or grads.get(ours) is None, f"{name}: {tn} gets a gradient here, not in ToCo"
+    extra = {k for k, g in grads.items() if g is not None} - {_ours(k) for k in want_grads}
+    assert not extra, f"{name}: gradients ToCo does not have: {sorted(extra)}"
+    for k, g in enumerate(opt.param_groups):
+        key = f"grad_norm_group{k}"
+        if key in case:
+            norm = torch.sqrt(sum((grads[pn].double() ** 2).sum() for pn in g["names"]))
+            _close(norm, take(key), f"{name}/{key}", **tol["grad"])
+    # parameters after the update, and the teacher head after its EMA
+    params = dict(net.state_dict())
+    for prefix in ("after__", "teacher_after__"):
+        for k in [k for k in case if k.startswith(prefix)]:
+            ours = _ours(k[len(prefix):])
+            assert ours in params, f"{name}: {k} has no counterpart"
+            _close(params[ours], take(k), f"{name}/{k}", **tol["param"])
+    unchecked = set(case) - seen
+    assert not unchecked, f"{name}: fixture keys this test does not check: {sorted(unchecked)}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_toco_step(name, dtype):
+    torch.manual_seed(0)
+    replay(name, CASES[name], dtype)
+
+
+def test_case_independent_keys_are_known():
+    known = ("hp__", "weights__", "group", "adam_exp_avg__", "adam_exp_avg_sq__")
+    assert all(k.startswith(known) for k in GLOB), sorted(k for k in GLOB if not k.startswith(known))
