@@ -119,7 +119,7 @@ def crop_from_roi(images: torch.Tensor, roi: torch.Tensor, crop_num: int = 8, cr
     out = ([crops[:, k] for k in range(crop_num)], flags)
     return out + (torch.stack([h0, w0], -1),) if return_corners else out
 
-# %% ../nbs/05_losses.ipynb #57dce7eb
+# %% ../nbs/05_losses.ipynb #4a9f55ed
 class LocalCropSampler:
     "CTC's local-crop sampler: `sampler(images, roi) -> (crops, flags)`; draws with its own generator or uses given corners."
     def __init__(self, crop_num: int = 8, crop_size: int = 96, fill_thre: float = 0.2,

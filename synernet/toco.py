@@ -282,7 +282,7 @@ def build_optimizer(model: nn.Module, cfg) -> tuple[torch.optim.AdamW, WarmupLR]
                             betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
     return opt, WarmupLR(opt, cfg.max_iters, cfg.warmup_iters, cfg.warmup_ratio, cfg.poly_power, cfg.lr_schedule)
 
-# %% ../nbs/07_toco.ipynb #688c1082
+# %% ../nbs/07_toco.ipynb #4512bb85
 def set_adamw_state(optimizer: torch.optim.Optimizer, step: int, exp_avg: dict, exp_avg_sq: dict,
                     names: Sequence[str] | None = None):
     """Give each parameter of `optimizer` AdamW's state after `step` updates with the moments `exp_avg[name]`,
@@ -303,7 +303,7 @@ def set_adamw_state(optimizer: torch.optim.Optimizer, step: int, exp_avg: dict, 
         optimizer.state[p] = dict(step=torch.tensor(float(step), dtype=torch.float32),
                                   exp_avg=m.to(p.device, p.dtype).clone(), exp_avg_sq=v.to(p.device, p.dtype).clone())
 
-# %% ../nbs/07_toco.ipynb #261af662
+# %% ../nbs/07_toco.ipynb #c7bd2294
 _TOCO_SUFFIXES = ((".last_layer.weight_g", ".last_layer.parametrizations.weight.original0"),
                   (".last_layer.weight_v", ".last_layer.parametrizations.weight.original1"))
 
