@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from conftest import fixture_dir
 import synernet.toco_method  # noqa: F401  (registers the method and the preset)
+import synernet.dskd  # noqa: F401  (the DSKD presets built on the same step)
 from synernet.core import make_config
 from synernet.learner import METHODS, train_iteration
 from synernet.toco import load_toco_state_dict, set_adamw_state, toco_name
@@ -277,3 +278,90 @@ def test_toco_step(name, dtype):
 def test_case_independent_keys_are_known():
     known = ("hp__", "weights__", "group", "adam_exp_avg__", "adam_exp_avg_sq__")
     assert all(k.startswith(known) for k in GLOB), sorted(k for k in GLOB if not k.startswith(known))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Presets built on ToCo's step reproduce the `toco` step when their own terms are off
+#
+# DSKD keeps ToCo's network (its teacher), labels and losses, and replaces CTC by its own terms (class-token head,
+# L_sim, L_PUNC) and GC. With those switched off (and ToCo's CTC off on the `toco` side), the two presets must compute
+# the same losses, gradients and updated parameters of the shared ToCo network from the same weights, moments and
+# batch. Both run the project's own iteration; the `toco` side is the one checked against ToCo above.
+
+OWN_TERMS_OFF = {
+    "dskd": dict(w_tok=0.0, w_sim=0.0, w_punc=0.0, gc_enable=False),
+    "dskd_gc": dict(w_tok=0.0, w_sim=0.0, w_punc=0.0, gc_enable=False),
+}
+# settings in which the presets differ by design, set equal for the comparison (the schedule, PTC's box, the NaN guard)
+COMMON = dict(lr_schedule="poly", ptc_box_mode="toco_compat", seg_loss_nan_guard=False, inactive_losses="skip",
+              w_ctc=0.0)
+
+
+def _toco_net(method):
+    root = method.net("net")
+    return root if hasattr(root, "decoder") else root.teacher.net
+
+
+def _preset_step(preset, case, dtype, extra):
+    base, hp = config_from_fixture(GLOB)
+    over = {k: base[k] for name, (k, _) in HP_TO_CONFIG.items() if name in hp}
+    cfg = make_config(preset, dataset="voc", scale="paper", backbone=base.backbone, pretrained=False, drop_path=0.0,
+                      **{**over, **COMMON, **extra})
+    C = int(hp["num_classes"]) - 1
+    info = types.SimpleNamespace(num_classes=C, class_names=[f"c{i}" for i in range(C + 1)])
+    method = METHODS[cfg.method](cfg, info, torch.device("cpu"))
+    for m in method.modules.values():
+        m.to(dtype)
+    method.par.to(dtype)
+    net = _toco_net(method)
+    mine = net.state_dict()
+    weights = {k[len("weights__"):]: torch.from_numpy(v).to(dtype) for k, v in GLOB.items() if k.startswith("weights__")}
+    load_toco_state_dict(net, {k: v for k, v in weights.items() if toco_name(k) is None or toco_name(k) in mine})
+    optims = method.configure_optimizers()
+    opt, sched = optims[0]
+    n = int(case["n_iter"])
+    prefix = {id(p): n_ for n_, p in method.net("net").named_parameters()}
+    rel = {n_: prefix[id(p)] for n_, p in net.named_parameters()}        # name in the ToCo net -> name in the optimiser
+    if n > 0:
+        m = {rel[toco_name(k[len("adam_exp_avg__"):])]: torch.from_numpy(v) for k, v in GLOB.items()
+             if k.startswith("adam_exp_avg__") and toco_name(k[len("adam_exp_avg__"):]) in rel}
+        v = {rel[toco_name(k[len("adam_exp_avg_sq__"):])]: torch.from_numpy(x) for k, x in GLOB.items()
+             if k.startswith("adam_exp_avg_sq__") and toco_name(k[len("adam_exp_avg_sq__"):]) in rel}
+        set_adamw_state(opt, n, m, v)
+        sched.start_at(n)
+    x = torch.from_numpy(case["inputs"]).to(dtype)
+    batch = dict(img=x, cls_label=torch.from_numpy(case["cls_label"]).to(dtype),
+                 img_box=torch.from_numpy(case["img_box"]).long(),
+                 crops=[x, torch.from_numpy(case["crop_global2"]).to(dtype), torch.from_numpy(case["crop_local_src"]).to(dtype)])
+    grads = {}
+
+    def on_backward(meth):
+        for pn, p in net.named_parameters():
+            grads[pn] = None if p.grad is None else p.grad.detach().clone()
+
+    losses, weights_n, total = train_iteration(method, optims, batch, n, on_backward=on_backward)
+    return losses, weights_n, total, grads, {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+@pytest.mark.parametrize("preset", sorted(OWN_TERMS_OFF))
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_preset_with_own_terms_off_is_the_toco_step(preset, name):
+    case, dtype = CASES[name], torch.float64
+    ref = _preset_step("toco", case, dtype, {})
+    got = _preset_step(preset, case, dtype, OWN_TERMS_OFF[preset])
+    shared = ("cls", "aux", "ptc", "seg")
+    for k in shared:
+        assert (k in ref[0]) == (k in got[0]), f"{preset}/{name}: loss {k} computed on one side only"
+        if k in ref[0]:
+            _close(got[0][k], ref[0][k].detach().numpy(), f"{preset}/{name}/{k}", rtol=1e-12)
+            assert ref[1][k] == got[1][k], f"{preset}/{name}: phase weight of {k}: {got[1][k]} vs {ref[1][k]}"
+    _close(got[2], ref[2].detach().numpy(), f"{preset}/{name}/total", rtol=1e-12)
+    for pn, g in ref[3].items():
+        if pn not in got[3]:
+            continue                                        # parameters the preset does not have (the CTC teacher head)
+        assert (g is None) == (got[3][pn] is None), f"{preset}/{name}: {pn} gets a gradient on one side only"
+        if g is not None:
+            _close(got[3][pn], g.numpy(), f"{preset}/{name}/grad {pn}", atol=1e-13, rtol=1e-10)
+    for pn, p in ref[4].items():
+        if pn in got[4]:
+            _close(got[4][pn], p.numpy(), f"{preset}/{name}/after {pn}", atol=1e-14, rtol=1e-12)
