@@ -64,7 +64,7 @@ TOL = {
     torch.float64: dict(logits=dict(atol=1e-9, rtol=0), loss=dict(rtol=1e-9, atol=0), grad=dict(atol=1e-10, rtol=1e-8),
                         param=dict(atol=1e-12, rtol=1e-10), lr=dict(atol=1e-12, rtol=1e-10), labels_frac=0.0),
     torch.float32: dict(logits=dict(atol=1e-4, rtol=0), loss=dict(rtol=1e-4, atol=0), grad=dict(atol=1e-6, rtol=1e-3),
-                        param=dict(atol=1e-6, rtol=0), lr=dict(atol=1e-6, rtol=0), labels_frac=0.01),
+                        param=dict(atol=1e-6, rtol=0), lr=dict(atol=1e-6, rtol=0), labels_frac=0.001),
 }
 
 
