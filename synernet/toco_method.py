@@ -35,12 +35,16 @@ config_keys("toco",
     contrast_start=(0, "first iteration with PTC and CTC (ToCo COCO: 12001)", _nonneg),
     seg_label_final_start=(0, "first iteration whose pseudo-labels come from the final CAM; before it, from the "
                               "auxiliary CAM (ToCo COCO: 12001)", _nonneg),
+    cam_reuse_forward=(True, "the CAM pass reuses the training forward's scale-1.0 CAM of the unflipped image instead "
+                             "of encoding it again (same values up to float rounding; False: ToCo's order)"),
 )
 
 # %% ../nbs/10_toco_method.ipynb #5aa565c7
-def toco_forward(net: ToCoNet, x, global_views=None, local_views=None, with_seg: bool = True):
-    "Main-view outputs, plus (teacher, student) CTC projections when views are given."
+def toco_forward(net: ToCoNet, x, global_views=None, local_views=None, with_seg: bool = True, views_fn=None):
+    """Main-view outputs, plus (teacher, student) CTC projections when views are given. `views_fn(out)`, if given, is
+    called with the main view's outputs and returns the views (the step's CAM pass then reuses the forward's CAM)."""
     out = net(x)
+    if views_fn is not None: global_views, local_views = views_fn(out)
     # an output that takes no part in the loss must not be returned: DDP would wait for its gradients
     if not with_seg: out = dataclasses.replace(out, seg=None)
     # crops[0] is the main view itself: its class token is reused instead of encoding it again (q8)
@@ -104,19 +108,31 @@ class ToCoMethod(Method):
             w = {k: v if v or k not in self.loss_names else 1.0 for k, v in w.items()}
         S = Step(self, x, y, box, n, w) if self.mechs else None
         need_cam = w["ptc"] or w["ctc"] or w["seg"] or (S is not None and S.need_ms)
-        if need_cam:
-            cam, cam_aux = S.ms_pass(x, c.cam_scales) if S else multi_scale_cam(self.core.cams, x, c.cam_scales)
-            if S: S.cams = {"": cam}
-        g = l = flags = None
-        if w["ctc"]:
+        reuse = bool(need_cam and S is None and c.cam_reuse_forward)
+        st = {}
+        def ctc_views(cam_aux):
+            "Global views and local crops for CTC; the crops centre on the aux CAM's uncertain region."
             crops = batch["crops"]
             roi = cam_to_roi_mask(cam_aux, y, c.high_thre, c.low_thre)
-            l, flags = self.crop_sampler(crops[2], roi)
-            g = [crops[0], crops[1]]
-            self.record(roi=roi, crop_flags=flags, crop_corners=self.crop_sampler.last_corners)
-        if S is None: out, proj = self.modules["net"](toco_forward, x, g, l, with_seg=bool(w["seg"]))
+            l, st["flags"] = self.crop_sampler(crops[2], roi)
+            self.record(roi=roi, crop_flags=st["flags"], crop_corners=self.crop_sampler.last_corners)
+            return [crops[0], crops[1]], l
+        def after_main(out):
+            "Inside the forward: the CAM pass with the forward's own scale-1.0 CAM (detached), then the CTC views."
+            raw = self.core.cam_logits(out.feat.detach(), out.aux_feat.detach())
+            st["cam"], st["cam_aux"] = multi_scale_cam(self.core.cams, x, c.cam_scales, given=raw)
+            return ctc_views(st["cam_aux"]) if w["ctc"] else (None, None)
+        if need_cam and not reuse:
+            st["cam"], st["cam_aux"] = S.ms_pass(x, c.cam_scales) if S else multi_scale_cam(self.core.cams, x,
+                                                                                            c.cam_scales)
+            if S: S.cams = {"": st["cam"]}
+        g = l = None
+        if w["ctc"] and not reuse: g, l = ctc_views(st["cam_aux"])
+        if S is None: out, proj = self.modules["net"](toco_forward, x, g, l, with_seg=bool(w["seg"]),
+                                                      views_fn=after_main if reuse else None)
         else: (out, proj), ext = self.modules["net"](mech_forward, S, toco_forward, x, g, l,
                                                      with_seg=bool(w["seg"]) or S.need_seg)
+        cam, cam_aux, flags = st.get("cam"), st.get("cam_aux"), st.get("flags")
         L = dict(cls=cls_loss(out.cls_logits, y), aux=cls_loss(out.cls_aux_logits, y))
         self.record(cls_logits=out.cls_logits, cls_aux_logits=out.cls_aux_logits, feat=out.feat, seg_logits=out.seg)
         if need_cam: self.record(cam=cam, cam_aux=cam_aux)

@@ -365,3 +365,36 @@ def test_preset_with_own_terms_off_is_the_toco_step(preset, name):
     for pn, p in ref[4].items():
         if pn in got[4]:
             _close(got[4][pn], p.numpy(), f"{preset}/{name}/after {pn}", atol=1e-14, rtol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Speed-ups of the step that must change nothing: the CAM pass reusing the forward's scale-1.0 CAM (cam_reuse_forward)
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_cam_reuse_changes_no_loss_or_gradient(name):
+    "fp32: the step with and without reusing the forward's CAM gives the same losses, labels and gradients."
+    res = {}
+    for reuse in (True, False):
+        cfg, method, weights = build(GLOB, torch.float32)
+        method.cfg = cfg.replace(cam_reuse_forward=reuse)
+        case = CASES[name]
+        x = torch.from_numpy(case["inputs"]).float()
+        batch = dict(img=x, cls_label=torch.from_numpy(case["cls_label"]).float(),
+                     img_box=torch.from_numpy(case["img_box"]).long(),
+                     crops=[x, torch.from_numpy(case["crop_global2"]).float(),
+                            torch.from_numpy(case["crop_local_src"]).float()])
+        method.crop_sampler.give(torch.from_numpy(case["crop_pos"]).long())
+        method.trace, grads = {}, {}
+        optims = method.configure_optimizers()
+        losses, _, total = train_iteration(method, optims, batch, int(case["n_iter"]), on_backward=lambda m: grads.update(
+            {k: p.grad.clone() for k, p in m.core.named_parameters() if p.grad is not None}))
+        res[reuse] = losses, total, grads, method.trace
+    (l1, t1, g1, tr1), (l0, t0, g0, tr0) = res[True], res[False]
+    assert set(l1) == set(l0) and set(g1) == set(g0)
+    for k in l1:
+        _close(l1[k], l0[k].detach().numpy(), f"{name}/{k}", rtol=1e-4)
+    for k in g1:
+        _close(g1[k], g0[k].numpy(), f"{name}/grad {k}", atol=1e-6, rtol=1e-3)
+    for k in ("roi", "token_labels", "seg_labels"):
+        if k in tr0:
+            _labels(tr1[k], tr0[k].numpy(), f"{name}/{k}", 0.001)

@@ -1,0 +1,227 @@
+#!/usr/bin/env python
+"""Where a training step's time and FLOPs go, part by part, for each preset at demo and/or paper scale.
+
+    python tools/profile_step.py                          # demo scale, presets toco, dskd_gc, synernet
+    python tools/profile_step.py --paper --presets toco   # also paper scale (ViT-B at 448, batch 2, random weights)
+    python tools/profile_step.py --iters 3 --warmup 1 --flops
+
+Each (preset, scale) runs in a fresh process through the real learner and its real iteration
+(`synernet.learner.train_iteration`): nothing is re-implemented here. The parts are found by wrapping, for the
+duration of the measurement only, the functions the method's step calls (the CAM pass, the forward, PAR pseudo-labels,
+GC, each loss, the EMA, ...; the table `PARTS` below), `Tensor.backward` and the optimisers' `step`, and by timing
+`next(loader)` for data loading and augmentation. Times are exclusive (a part's time excludes the parts it calls);
+FLOPs come from `torch.utils.flop_counter.FlopCounterMode` in a separate pass (it slows the step), also exclusive.
+Every loss is switched on from the first iteration (`seg_start=0`, ...) so that every part is measured.
+
+Writes `reports/benchmark_<device>.json` (key `profile`; other keys of the file are kept) and the stacked-bar figure
+`reports/fig_step_profile_<device>.png`.
+"""
+import argparse, contextlib, functools, importlib, json, os, re, subprocess, sys, tempfile, time
+from collections import defaultdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# module -> {function name in that module's namespace: part}; "Class.method" wraps a method of a class of the module
+PARTS = {
+    "synernet.toco_method": {"multi_scale_cam": "cam pass", "toco_forward": "forward", "refine_cams_with_bkg": "PAR labels",
+                             "token_labels": "labels", "cam_to_roi_mask": "labels", "cls_loss": "loss: cls",
+                             "ptc_loss": "loss: ptc", "ctc_loss": "loss: ctc", "seg_loss": "loss: seg"},
+    "synernet.toco": {"ToCoNet.forward_proj": "forward: CTC views"},
+    "synernet.losses": {"LocalCropSampler.__call__": "labels"},
+    "synernet.dskd": {"multi_scale_cam": "cam pass", "dskd_forward": "forward", "gaussian_correction": "GC",
+                      "token_labels": "labels", "punc_roi": "labels", "cls_loss": "loss: cls", "ptc_loss": "loss: ptc",
+                      "seg_loss": "loss: seg", "punc_loss": "loss: punc", "ema_update": "EMA"},
+    "synernet.synernet_method": {"multi_scale_cam": "cam pass", "synernet_forward": "forward",
+                                 "cross_pseudo_labels": "PAR labels", "token_labels": "labels", "sbce_roi": "labels",
+                                 "per_image_thresholds": "labels", "cls_loss": "loss: cls", "ptc_loss": "loss: ptc",
+                                 "seg_loss": "loss: seg", "spatial_bce_loss": "loss: sbce",
+                                 "class_token_sim_loss": "loss: csim", "fusion_labels": "labels"},
+}
+ORDER = ["data", "cam pass", "forward", "forward: CTC views", "labels", "PAR labels", "GC", "loss: cls", "loss: ptc",
+         "loss: ctc", "loss: seg", "loss: punc", "loss: sbce", "loss: csim", "backward", "optimiser", "EMA", "other"]
+ALWAYS_ON = dict(seg_start=0, contrast_start=0, sbce_start=0, proto_start=0, seg_label_final_start=0)
+
+
+class Profiler:
+    "Exclusive wall time and FLOPs per part; parts nest (a stack)."
+    def __init__(self, flops: bool, sync):
+        self.flops, self.sync = flops, sync
+        self.time, self.flop = defaultdict(float), defaultdict(float)
+        self.stack = []               # [part, t0, child_time, flop_mode, child_flops]
+
+    @contextlib.contextmanager
+    def part(self, name):
+        from torch.utils.flop_counter import FlopCounterMode
+        self.sync()
+        mode = FlopCounterMode(display=False) if self.flops else None
+        fr = [name, time.perf_counter(), 0.0, mode, 0.0]
+        self.stack.append(fr)
+        try:
+            if mode is not None:
+                with mode: yield
+            else: yield
+        finally:
+            self.sync()
+            self.stack.pop()
+            dt = time.perf_counter() - fr[1]
+            self.time[name] += dt - fr[2]
+            f = float(mode.get_total_flops()) if mode is not None else 0.0
+            self.flop[name] += f - fr[4]
+            if self.stack:
+                self.stack[-1][2] += dt
+                self.stack[-1][4] += f
+
+    def wrap(self, fn, name):
+        @functools.wraps(fn)
+        def w(*a, **k):
+            with self.part(name): return fn(*a, **k)
+        return w
+
+
+def install(prof, lrn):
+    "Wrap the parts of the step; returns an undo function."
+    import torch
+    undo = []
+    def patch(obj, attr, new):
+        old = getattr(obj, attr); setattr(obj, attr, new); undo.append((obj, attr, old))
+    for modname, fns in PARTS.items():
+        mod = importlib.import_module(modname)
+        for fname, part in fns.items():
+            if "." in fname:
+                cls, meth = fname.split(".")
+                patch(getattr(mod, cls), meth, prof.wrap(getattr(getattr(mod, cls), meth), part))
+            elif hasattr(mod, fname):
+                patch(mod, fname, prof.wrap(getattr(mod, fname), part))
+    patch(torch.Tensor, "backward", prof.wrap(torch.Tensor.backward, "backward"))
+    for o, _ in lrn.optims:
+        patch(o, "step", prof.wrap(o.step, "optimiser"))
+    m = lrn.method
+    patch(m, "after_step", prof.wrap(m.after_step, "EMA"))
+    return lambda: [setattr(o, a, v) for o, a, v in reversed(undo)]
+
+
+def one(preset, scale, iters, warmup, flops, batch):
+    import torch
+    from synernet.train import build_config
+    from synernet.learner import Learner, train_iteration, _to
+    from synernet.core import CONFIG_KEYS
+    with tempfile.TemporaryDirectory() as d:
+        kw = dict(preset=preset, dataset="synthetic", scale=scale, out_dir=d, max_iters=10 ** 6, progress=False,
+                  seg_loss_nan_guard=True, eval_every=0, ckpt_every=0, final_eval="none")
+        kw.update({k: v for k, v in ALWAYS_ON.items() if k in CONFIG_KEYS})
+        if scale == "paper": kw.update(pretrained=False, batch_size=batch or 2, crop_size=448)
+        elif batch: kw.update(batch_size=batch)
+        cfg = build_config(**kw)
+        lrn = Learner(cfg)
+        dev = lrn.device
+        sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+        it = iter(lrn.train_loader)
+        lrn._set_train(True)
+        res = {}
+        for pass_flops in ([False, True] if flops else [False]):
+            prof = Profiler(pass_flops, sync)
+            undo = install(prof, lrn)
+            total_t, n_meas = 0.0, 0
+            try:
+                for n in range(warmup + (1 if pass_flops else iters)):
+                    measured = n >= warmup
+                    if measured: prof.time.clear() if n == warmup else None
+                    if n == warmup: prof.time.clear(); prof.flop.clear()
+                    t0 = time.perf_counter()
+                    with prof.part("data"):
+                        batch_ = {k: _to(v, dev) for k, v in next(it).items()}
+                    with prof.part("other"):
+                        with lrn.autocast() if False else contextlib.nullcontext():
+                            train_iteration(lrn.method, lrn.optims, batch_, n, cfg.grad_clip, lrn.autocast)
+                    sync()
+                    if measured: total_t += time.perf_counter() - t0; n_meas += 1
+            finally:
+                undo()
+            k = "flops" if pass_flops else "seconds"
+            src = prof.flop if pass_flops else prof.time
+            res[k] = {p: v / max(n_meas, 1) for p, v in src.items() if v}
+            if not pass_flops: res["seconds_per_iter"] = total_t / n_meas
+        name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu-{torch.get_num_threads()}threads"
+        return dict(preset=preset, scale=scale, backbone=cfg.backbone, crop_size=cfg.crop_size, batch_size=cfg.batch_size,
+                    iters=iters, device_name=name, **res)
+
+
+def figure(rows, path):
+    import matplotlib; matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    parts = [p for p in ORDER if any(p in r.get("seconds", {}) for r in rows)]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 0.6 * len(rows) + 2.5), sharey=True)
+    labels = [f"{r['preset']} / {r['scale']}" for r in rows]
+    cmap = plt.get_cmap("tab20")
+    for ax, key, unit, scale in ((axes[0], "seconds", "share of the step's time", None),
+                                 (axes[1], "flops", "share of the step's FLOPs", None)):
+        left = [0.0] * len(rows)
+        for j, p in enumerate(parts):
+            vals = []
+            for r in rows:
+                d = r.get(key, {}); tot = sum(d.values()) or 1.0
+                vals.append(d.get(p, 0.0) / tot)
+            ax.barh(labels, vals, left=left, color=cmap(j % 20), label=p)
+            left = [a + b for a, b in zip(left, vals)]
+        ax.set_xlabel(unit); ax.set_xlim(0, 1)
+    axes[1].legend(bbox_to_anchor=(1.02, 1), loc="upper left", fontsize=8)
+    for r, y in zip(rows, range(len(rows))):
+        axes[0].text(1.01, y, f"{r['seconds_per_iter']:.2f} s", va="center", fontsize=8)
+    plt.suptitle(f"Where one training step goes ({rows[0]['device_name']})")
+    plt.tight_layout(); plt.savefig(path, dpi=110); plt.close(fig)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--presets", default="toco,dskd_gc,synernet")
+    ap.add_argument("--paper", action="store_true", help="also paper scale (ViT-B, 448, batch 2, random weights)")
+    ap.add_argument("--only-paper", action="store_true", help="paper scale only")
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--flops", action="store_true", help="also count FLOPs (one more iteration, slower)")
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--out", default="")
+    ap.add_argument("--_one", nargs=2, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a._one:
+        print("PROFILE " + json.dumps(one(a._one[0], a._one[1], a.iters, a.warmup, a.flops, a.batch)), flush=True)
+        return
+    scales = ["paper"] if a.only_paper else (["demo", "paper"] if a.paper else ["demo"])
+    rows = []
+    for p in a.presets.split(","):
+        for s in scales:
+            cmd = [sys.executable, __file__, "--_one", p, s, "--iters", str(a.iters), "--warmup", str(a.warmup)]
+            if a.flops: cmd.append("--flops")
+            if a.batch: cmd += ["--batch", str(a.batch)]
+            r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+            line = next((l for l in r.stdout.splitlines() if l.startswith("PROFILE ")), None)
+            if r.returncode or line is None:
+                print(f"{p}/{s} FAILED:\n{r.stderr[-3000:]}", file=sys.stderr); sys.exit(1)
+            row = json.loads(line[8:]); rows.append(row)
+            top = sorted(row["seconds"].items(), key=lambda kv: -kv[1])[:4]
+            print(f"{p}/{s}: {row['seconds_per_iter']:.3f} s/iter; " +
+                  ", ".join(f"{k} {v:.3f} s" for k, v in top), file=sys.stderr)
+    dev = re.sub(r"[^A-Za-z0-9._-]+", "_", rows[0]["device_name"])
+    print(f"\n| preset | scale | part | seconds | share | GFLOPs |\n|---|---|---|---|---|---|")
+    for r in rows:
+        tot = sum(r["seconds"].values())
+        for p in ORDER:
+            if p in r["seconds"]:
+                print(f"| {r['preset']} | {r['scale']} | {p} | {r['seconds'][p]:.4f} | {100 * r['seconds'][p] / tot:.1f}% | "
+                      f"{r.get('flops', {}).get(p, 0) / 1e9:.2f} |")
+    out = Path(a.out) if a.out else REPO / "reports" / f"benchmark_{dev}.json"
+    doc = json.loads(out.read_text()) if out.exists() else {}
+    prof = {f"{r['preset']}/{r['scale']}": r for r in doc.get("profile", {}).get("rows", [])}
+    prof.update({f"{r['preset']}/{r['scale']}": r for r in rows})
+    doc["profile"] = dict(time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), command=" ".join(sys.argv),
+                          rows=list(prof.values()))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2))
+    fig = out.with_name(f"fig_step_profile_{dev}.png")
+    figure(list(prof.values()), fig)
+    print(f"\nwritten: {out}, {fig}")
+
+
+if __name__ == "__main__":
+    main()
