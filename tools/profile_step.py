@@ -101,7 +101,7 @@ def install(prof, lrn):
     return lambda: [setattr(o, a, v) for o, a, v in reversed(undo)]
 
 
-def one(preset, scale, iters, warmup, flops, batch):
+def one(preset, scale, iters, warmup, flops, batch, sets=()):
     import torch
     from synernet.train import build_config
     from synernet.learner import Learner, train_iteration, _to
@@ -112,6 +112,7 @@ def one(preset, scale, iters, warmup, flops, batch):
         kw.update({k: v for k, v in ALWAYS_ON.items() if k in CONFIG_KEYS})
         if scale == "paper": kw.update(pretrained=False, batch_size=batch or 2, crop_size=448)
         elif batch: kw.update(batch_size=batch)
+        kw.update(dict(s.split("=", 1) for s in sets))
         cfg = build_config(**kw)
         lrn = Learner(cfg)
         dev = lrn.device
@@ -126,14 +127,12 @@ def one(preset, scale, iters, warmup, flops, batch):
             try:
                 for n in range(warmup + (1 if pass_flops else iters)):
                     measured = n >= warmup
-                    if measured: prof.time.clear() if n == warmup else None
                     if n == warmup: prof.time.clear(); prof.flop.clear()
                     t0 = time.perf_counter()
                     with prof.part("data"):
                         batch_ = {k: _to(v, dev) for k, v in next(it).items()}
                     with prof.part("other"):
-                        with lrn.autocast() if False else contextlib.nullcontext():
-                            train_iteration(lrn.method, lrn.optims, batch_, n, cfg.grad_clip, lrn.autocast)
+                        train_iteration(lrn.method, lrn.optims, batch_, n, cfg.grad_clip, lrn.autocast)
                     sync()
                     if measured: total_t += time.perf_counter() - t0; n_meas += 1
             finally:
@@ -143,8 +142,12 @@ def one(preset, scale, iters, warmup, flops, batch):
             res[k] = {p: v / max(n_meas, 1) for p, v in src.items() if v}
             if not pass_flops: res["seconds_per_iter"] = total_t / n_meas
         name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu-{torch.get_num_threads()}threads"
-        return dict(preset=preset, scale=scale, backbone=cfg.backbone, crop_size=cfg.crop_size, batch_size=cfg.batch_size,
+        return dict(preset=preset, scale=scale, variant=",".join(sets), backbone=cfg.backbone, crop_size=cfg.crop_size, batch_size=cfg.batch_size,
                     iters=iters, device_name=name, **res)
+
+
+def _key(r):
+    return f"{r['preset']}/{r['scale']}" + (f" [{r['variant']}]" if r.get("variant") else "")
 
 
 def figure(rows, path):
@@ -152,7 +155,7 @@ def figure(rows, path):
     import matplotlib.pyplot as plt
     parts = [p for p in ORDER if any(p in r.get("seconds", {}) for r in rows)]
     fig, axes = plt.subplots(1, 2, figsize=(13, 0.6 * len(rows) + 2.5), sharey=True)
-    labels = [f"{r['preset']} / {r['scale']}" for r in rows]
+    labels = [_key(r).replace("/", " / ") for r in rows]
     cmap = plt.get_cmap("tab20")
     for ax, key, unit, scale in ((axes[0], "seconds", "share of the step's time", None),
                                  (axes[1], "flops", "share of the step's FLOPs", None)):
@@ -181,11 +184,13 @@ def main():
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--flops", action="store_true", help="also count FLOPs (one more iteration, slower)")
     ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config key for every run, e.g. --set cam_reuse_forward=false (the step before a speed-up)")
     ap.add_argument("--out", default="")
     ap.add_argument("--_one", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a._one:
-        print("PROFILE " + json.dumps(one(a._one[0], a._one[1], a.iters, a.warmup, a.flops, a.batch)), flush=True)
+        print("PROFILE " + json.dumps(one(a._one[0], a._one[1], a.iters, a.warmup, a.flops, a.batch, a.set)), flush=True)
         return
     scales = ["paper"] if a.only_paper else (["demo", "paper"] if a.paper else ["demo"])
     rows = []
@@ -194,13 +199,14 @@ def main():
             cmd = [sys.executable, __file__, "--_one", p, s, "--iters", str(a.iters), "--warmup", str(a.warmup)]
             if a.flops: cmd.append("--flops")
             if a.batch: cmd += ["--batch", str(a.batch)]
+            for kv in a.set: cmd += ["--set", kv]
             r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
             line = next((l for l in r.stdout.splitlines() if l.startswith("PROFILE ")), None)
             if r.returncode or line is None:
                 print(f"{p}/{s} FAILED:\n{r.stderr[-3000:]}", file=sys.stderr); sys.exit(1)
             row = json.loads(line[8:]); rows.append(row)
             top = sorted(row["seconds"].items(), key=lambda kv: -kv[1])[:4]
-            print(f"{p}/{s}: {row['seconds_per_iter']:.3f} s/iter; " +
+            print(f"{_key(row)}: {row['seconds_per_iter']:.3f} s/iter; " +
                   ", ".join(f"{k} {v:.3f} s" for k, v in top), file=sys.stderr)
     dev = re.sub(r"[^A-Za-z0-9._-]+", "_", rows[0]["device_name"])
     print(f"\n| preset | scale | part | seconds | share | GFLOPs |\n|---|---|---|---|---|---|")
@@ -208,12 +214,12 @@ def main():
         tot = sum(r["seconds"].values())
         for p in ORDER:
             if p in r["seconds"]:
-                print(f"| {r['preset']} | {r['scale']} | {p} | {r['seconds'][p]:.4f} | {100 * r['seconds'][p] / tot:.1f}% | "
+                print(f"| {r['preset']} | {r['scale']}{' ' + r['variant'] if r.get('variant') else ''} | {p} | {r['seconds'][p]:.4f} | {100 * r['seconds'][p] / tot:.1f}% | "
                       f"{r.get('flops', {}).get(p, 0) / 1e9:.2f} |")
     out = Path(a.out) if a.out else REPO / "reports" / f"benchmark_{dev}.json"
     doc = json.loads(out.read_text()) if out.exists() else {}
-    prof = {f"{r['preset']}/{r['scale']}": r for r in doc.get("profile", {}).get("rows", [])}
-    prof.update({f"{r['preset']}/{r['scale']}": r for r in rows})
+    prof = {_key(r): r for r in doc.get("profile", {}).get("rows", [])}
+    prof.update({_key(r): r for r in rows})
     doc["profile"] = dict(time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), command=" ".join(sys.argv),
                           rows=list(prof.values()))
     out.parent.mkdir(parents=True, exist_ok=True)
