@@ -109,11 +109,13 @@ class BMP(Mechanism):
     def __init__(self, method):
         super().__init__(method)
         c = self.cfg
-        self.s2c_start = c.seg_start if c.bmp_s2c_start < 0 else c.bmp_s2c_start
         self.bsp_start = max(2 * c.seg_start - 1, 0) if c.bmp_bsp_start < 0 else c.bmp_bsp_start
         if c.bmp_gate_decoder:
             for net in self.branches().values():
                 if not isinstance(net.decoder, GatedDecoder): net.decoder = GatedDecoder(net.decoder, net.classifier)
+
+    @property   # from the config alone: the schedule probe (`check_phases`) builds no network
+    def s2c_start(self) -> int: return self.cfg.seg_start if self.cfg.bmp_s2c_start < 0 else self.cfg.bmp_s2c_start
 
     def loss_weights(self, n: int) -> dict:
         return dict(bmp_s2c=self.cfg.w_bmp_s2c if n >= self.s2c_start else 0.0)

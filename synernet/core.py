@@ -12,10 +12,11 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['CONFIG_KEYS', 'DATASETS', 'SCALES', 'PRESETS', 'RESUME_IGNORED', 'ConfigError', 'Key', 'config_key', 'config_keys',
-           'Preset', 'register_preset', 'extend_preset', 'Config', 'make_config', 'parse_cli', 'seed_everything',
-           'rng_states', 'set_rng_states', 'dist_info', 'get_device', 'get_logger', 'git_commit', 'env_record',
-           'default_out_dir', 'RunDir', 'start_run', 'main']
+__all__ = ['CONFIG_KEYS', 'DATASETS', 'SCALES', 'PRESETS', 'PROBE_HOOKS', 'RESUME_IGNORED', 'ConfigError', 'Key', 'config_key',
+           'config_keys', 'Preset', 'register_preset', 'extend_preset', 'resolve_layers', 'Config', 'make_config',
+           'SilentPhaseError', 'schedule_probe', 'loss_phases', 'check_phases', 'format_phases', 'phase_table',
+           'phase_table_markdown', 'parse_cli', 'seed_everything', 'rng_states', 'set_rng_states', 'dist_info',
+           'get_device', 'get_logger', 'git_commit', 'env_record', 'default_out_dir', 'RunDir', 'start_run', 'main']
 
 # %% ../nbs/00_core.ipynb #753146b5
 class ConfigError(ValueError):
@@ -137,6 +138,8 @@ config_keys("run",
     amp=("auto", "bf16 autocast: 'auto' (on for CUDA devices that support bf16), 'on', 'off'",
          dict(choices=("auto", "on", "off"))),
     log_level=("INFO", "logging level", dict(choices=("DEBUG", "INFO", "WARNING", "ERROR"))),
+    allow_silent_losses=((), "losses allowed to keep a non-zero weight yet never switch on before max_iters, for "
+                             "a deliberately short run ('all' for every loss); see `check_phases`"),
 )
 
 # %% ../nbs/00_core.ipynb #b68cd06e
@@ -202,6 +205,42 @@ register_preset("base", "what every method shares: global batch and schedule per
     demo=dict(batch_size=8, max_iters=400, log_every=20, eval_every=200, ckpt_every=100, num_workers=0),
 )
 
+# %% ../nbs/00_core.ipynb #47a47ae7
+def _layer_kind(sel: str) -> str:
+    "'all' (`*`), 'dataset', 'scale' or 'pair' (`dataset/scale`)."
+    return "all" if sel == "*" else "pair" if "/" in sel else "dataset" if sel in DATASETS else "scale"
+
+_RANK = dict(all=0, dataset=1, scale=1, pair=2)
+
+def resolve_layers(preset: str, dataset: str, scale: str) -> dict:
+    """What the preset chain sets for one (data set, scale): `{key: (value, 'preset:layer'), ...}`.
+    The most specific layer wins (`dataset/scale` over a data set or a scale over `*`); between layers of the same
+    selector the child preset wins over its ancestors; a key set differently by a data set layer and a scale layer,
+    with no `dataset/scale` layer to settle it, is ambiguous and raises `ConfigError`."""
+    found = {}                                     # key -> [(rank, kind, depth, value, source)]
+    for depth, p in enumerate(_preset_chain(preset)):
+        for sel in ("*", dataset, scale, f"{dataset}/{scale}"):
+            kind = _layer_kind(sel)
+            for k, v in p.layers.get(sel, {}).items():
+                found.setdefault(k, []).append((_RANK[kind], kind, depth, v, f"{p.name}:{sel}"))
+    out = {}
+    for k, entries in found.items():
+        top = max(e[0] for e in entries)
+        best = {}                                  # kind -> the deepest entry of that kind at the top rank
+        for e in entries:
+            if e[0] == top and (e[1] not in best or e[2] >= best[e[1]][2]): best[e[1]] = e
+        if len(best) == 2 and best["dataset"][3] != best["scale"][3]:
+            d, s = best["dataset"], best["scale"]
+            raise ConfigError(
+                f"Preset {preset!r} at {dataset}/{scale}: key {k!r} is {d[3]!r} in layer {d[4]} and {s[3]!r} in layer "
+                f"{s[4]}, and neither layer is more specific. Say which value {dataset} takes at {scale} scale in a "
+                f"{dataset!r}/{scale!r} layer (register_preset(..., {dataset}_{scale}=dict({k}=...))), or move the "
+                f"data set's value to '{dataset}/paper' if it is a paper-scale setting.")
+        e = max(best.values(), key=lambda e: e[2])
+        out[k] = (e[3], e[4])
+    return out
+
+
 # %% ../nbs/00_core.ipynb #aafb00c2
 class Config:
     "A resolved, validated, immutable configuration. Read keys as attributes: `cfg.max_iters`."
@@ -241,18 +280,156 @@ class Config:
 
 def make_config(preset: str | None = None, dataset: str | None = None, scale: str | None = None,
                 **params) -> Config:
-    "Resolve a config: key defaults <- preset layers (root first) <- `params`. `None` values are ignored."
+    "Resolve a config: key defaults <- the preset's layers (`resolve_layers`) <- `params`. `None` values are ignored."
     params = {k: v for k, v in params.items() if v is not None}
     for k in params: _known_key(k)
     preset = CONFIG_KEYS["preset"].coerce(preset or CONFIG_KEYS["preset"].default)
     dataset = CONFIG_KEYS["dataset"].coerce(dataset or CONFIG_KEYS["dataset"].default)
     scale = CONFIG_KEYS["scale"].coerce(scale or ("demo" if dataset == "synthetic" else "paper"))
     values = {k: key.default for k, key in CONFIG_KEYS.items()}
-    for p in _preset_chain(preset):
-        for sel in ("*", scale, dataset, f"{dataset}/{scale}"):
-            values.update(p.layers.get(sel, {}))
+    values.update({k: v for k, (v, _) in resolve_layers(preset, dataset, scale).items()})
     values.update(params, preset=preset, dataset=dataset, scale=scale)
     return Config(values)
+
+# %% ../nbs/00_core.ipynb #3ae52b57
+class SilentPhaseError(ConfigError):
+    "A loss with a non-zero weight that no iteration below `max_iters` ever switches on."
+
+#: functions `f(method)` that finish a network-free method instance for `schedule_probe` (the mechanisms notebook
+#: adds one that gives a host method its mechanisms)
+PROBE_HOOKS: list[Callable] = []
+
+def schedule_probe(cfg: Config, method_cls: type | None = None):
+    """An instance of the configured method with its config and nothing else (no network, no data), on which the
+    method's own `loss_weights(n)` can be called. `method_cls` defaults to the class registered as `cfg.method`."""
+    if method_cls is None:
+        from synernet.learner import METHODS       # imported here: the learner notebook builds on this one
+        if cfg.method not in METHODS:
+            raise ConfigError(f"Unknown method {cfg.method!r}; registered: {sorted(METHODS)}. Import the module "
+                              "that registers it (synernet.train.import_methods() imports them all).")
+        method_cls = METHODS[cfg.method]
+    m = object.__new__(method_cls)
+    m.cfg, m.info, m.device, m.modules, m.trainable = cfg, None, torch.device("cpu"), {}, ()
+    for hook in PROBE_HOOKS: hook(m)
+    return m
+
+def _int_values(cfg: Config) -> set[int]:
+    out = set()
+    for v in cfg.to_dict().values():
+        for x in (v if isinstance(v, list) else [v]):
+            if isinstance(x, int) and not isinstance(x, bool): out.add(x)
+    return out
+
+def _probe_points(cfg: Config) -> tuple[list[int], list[int]]:
+    "Iterations to evaluate a schedule at: (inside the run, beyond its end)."
+    T, vals = cfg.max_iters, _int_values(cfg)
+    near = {p for v in vals for p in (v - 1, v, v + 1)}
+    inside = {0, T - 1} | {int(p) for p in np.linspace(0, T - 1, 257)} | {p for p in near if 0 <= p < T}
+    beyond = {T, 2 * T, 10 * max(vals | {T}), 2**40} | {p for p in near if p >= T}
+    return sorted(inside), sorted(beyond)
+
+def loss_phases(cfg: Config, method_cls: type | None = None, probe=None) -> dict:
+    """Every loss of the method with its weight and phase in this run, read from the method's own `loss_weights(n)`:
+    `{name: dict(weight=w, first=n0, end=n1)}`. `weight` is the first non-zero weight the schedule gives (0.0 if
+    none at any iteration), `first` the first iteration below `max_iters` with a non-zero weight (None: never), `end`
+    the first iteration after `first` at which it is off again (None: on to the end)."""
+    probe = probe or schedule_probe(cfg, method_cls)
+    inside, beyond = _probe_points(cfg)
+    w_in = [(n, probe.loss_weights(n)) for n in inside]
+    w_out = [(n, probe.loss_weights(n)) for n in beyond]
+    names = list(dict.fromkeys(k for _, w in w_in + w_out for k in w))
+    out = {}
+    for k in names:
+        on = [n for n, w in w_in if w.get(k, 0)]
+        first = on[0] if on else None
+        weight = next((float(w[k]) for _, w in w_in + w_out if w.get(k, 0)), 0.0)
+        end = next((n for n, w in w_in if n > first and not w.get(k, 0)), None) if on else None
+        later = next((n for n, w in w_out if w.get(k, 0)), None) if not on else None
+        out[k] = dict(weight=weight, first=first, end=end, **({"first_beyond": later} if later is not None else {}))
+    return out
+
+def _delaying_keys(cfg: Config, method_cls, loss: str) -> list[tuple[str, int]]:
+    "The integer config keys that, moved inside the run, switch `loss` on: [(key, value), ...]."
+    T, vals = cfg.max_iters, cfg.to_dict()
+    ints = [(k, v) for k, v in vals.items() if type(v) is int and k != "max_iters"]
+    for group in ([kv for kv in ints if kv[1] >= T], [kv for kv in ints if kv[1] < T]):
+        hits = []
+        for k, v in group:
+            for trial in (0, T - 1):
+                try: c = cfg.replace(**{k: trial})
+                except ConfigError: continue
+                try: ph = loss_phases(c, method_cls).get(loss)
+                except Exception: continue
+                if ph and ph["first"] is not None: hits.append((k, v)); break
+        if hits: return hits
+    return []
+
+def check_phases(cfg: Config, method_cls: type | None = None) -> dict:
+    """Stop a run in which a loss with a non-zero weight would never be active: every loss the schedule weights must
+    switch on at some iteration below `max_iters`. `allow_silent_losses` names deliberate exceptions. Returns the
+    phases (`loss_phases`); raises `SilentPhaseError` naming each such loss, the key that delays it, its value and
+    `max_iters`."""
+    ph = loss_phases(cfg, method_cls)
+    method = cfg.to_dict().get("method") or getattr(method_cls, "__name__", "?")   # the key exists once a method does
+    allow = set(cfg.allow_silent_losses)
+    unknown = sorted(allow - set(ph) - {"all"})
+    if unknown:
+        raise ConfigError(f"allow_silent_losses names {', '.join(map(repr, unknown))}, which "
+                          f"{'is not a loss' if len(unknown) == 1 else 'are not losses'} of method {method!r}. "
+                          f"Its losses: {_fmt_choices(ph)} (or 'all').")
+    silent = [k for k, p in ph.items() if p["weight"] and p["first"] is None and k not in allow and "all" not in allow]
+    if not silent: return ph
+    lines = []
+    for k in silent:
+        keys = _delaying_keys(cfg, method_cls, k)
+        why = (" and ".join(f"{kk} = {v}" for kk, v in keys) + " delay" + ("s" if len(keys) == 1 else "") + " it"
+               if keys else "no single config key moves it inside the run")
+        at = ph[k].get("first_beyond")
+        lines.append(f"  loss {k!r} (weight {ph[k]['weight']:g}): {why}"
+                     + (f"; its first iteration would be {at}" if at is not None and at < 2**40 else "")
+                     + f", but max_iters = {cfg.max_iters}")
+    raise SilentPhaseError(
+        f"Preset {cfg.preset!r} ({cfg.dataset}, {cfg.scale} scale, method {method!r}): "
+        f"{len(silent)} loss{'es' if len(silent) > 1 else ''} with a non-zero weight would never be active in the "
+        f"{cfg.max_iters} iterations of this run:\n" + "\n".join(lines) + "\n"
+        "Move the start below max_iters, raise max_iters or set the weight to 0; for a deliberately short run, allow "
+        f"it: allow_silent_losses={tuple(silent)!r} (or ('all',)).")
+
+
+# %% ../nbs/00_core.ipynb #6fd5f5fe
+def format_phases(ph: dict, max_iters: int | None = None) -> str:
+    "One line for a phase dict: `0: cls aux ptc ctc · 150: seg · off: proto` (a window reads `0-39: sim`)."
+    groups = {}
+    for k, p in ph.items():
+        if not p["weight"]: lab = "off"
+        elif p["first"] is None: lab = "never"
+        else: lab = f"{p['first']}" if p["end"] is None else f"{p['first']}-{p['end'] - 1}"
+        groups.setdefault(lab, []).append(k)
+    order = lambda lab: (lab in ("off", "never"), lab == "off", int(lab.split("-")[0]) if lab[0].isdigit() else 0)
+    return " · ".join(f"{lab}: {' '.join(groups[lab])}" for lab in sorted(groups, key=order))
+
+def _sets_method(name: str) -> bool:
+    return any("method" in layer for p in _preset_chain(name) for layer in p.layers.values())
+
+def phase_table(presets=None, datasets=DATASETS, scales=SCALES) -> list[dict]:
+    """The resolved schedule of every method preset (those whose chain sets `method`) x data set x scale: `max_iters`
+    and the first iteration of each loss, from the methods' own `loss_weights` (import the methods first)."""
+    presets = [p for p in PRESETS if _sets_method(p) and not p.startswith("_")] if presets is None else presets
+    rows = []
+    for p in presets:
+        for d in datasets:
+            for s in scales:
+                cfg = make_config(p, d, s)
+                rows.append(dict(preset=p, dataset=d, scale=s, method=cfg.method, max_iters=cfg.max_iters,
+                                 phases=format_phases(check_phases(cfg))))
+    return rows
+
+def phase_table_markdown(rows: list[dict]) -> str:
+    "The phase table as Markdown (first iteration of each loss; `a-b`: on from a to b only; off: weight 0)."
+    out = ["| preset | data set | scale | max_iters | first iteration of each loss |", "|---|---|---|---:|---|"]
+    out += [f"| {r['preset']} | {r['dataset']} | {r['scale']} | {r['max_iters']} | {r['phases']} |" for r in rows]
+    return "\n".join(out)
+
 
 # %% ../nbs/00_core.ipynb #9e029136
 def parse_cli(argv: list[str]) -> dict:
@@ -362,7 +539,8 @@ def env_record(device=None) -> dict:
     return rec
 
 # %% ../nbs/00_core.ipynb #38305d04
-RESUME_IGNORED = ("device", "num_workers", "log_level", "out_dir")
+# keys that do not change what is trained: a run may continue with other values of them
+RESUME_IGNORED = ("device", "num_workers", "log_level", "out_dir", "allow_silent_losses")
 
 def default_out_dir(cfg: Config) -> Path:
     return Path("runs") / f"{cfg.preset}-{cfg.dataset}-{cfg.scale}-seed{cfg.seed}"
@@ -446,12 +624,21 @@ def start_run(cfg: Config, write: bool | None = None):
     return run, device, log
 
 def main(argv=None):
-    "Print the resolved config for command-line parameters and create its run folder."
+    "Resolve the config of command-line parameters, check its phases, create its run folder and print the config."
+    from synernet.train import import_methods   # every method module: its presets, keys and schedule
+    import_methods()
     cfg = make_config(**parse_cli(sys.argv[1:] if argv is None else argv))
+    # the methods register the `method` key; without them (this notebook's own registry) there is no schedule to check
+    ph = check_phases(cfg) if "method" in CONFIG_KEYS else None
     run, device, log = start_run(cfg)
+    if ph is not None: log.info(f"phases (first iteration of each loss; max_iters {cfg.max_iters}): {format_phases(ph)}")
     print(json.dumps(cfg.to_dict(), indent=2))
     return run
 
 # %% ../nbs/00_core.ipynb #dfd9d4f5
 #| eval: false
-if __name__ == "__main__": main()
+if __name__ == "__main__":
+    # `python -m synernet.core` runs this file as `__main__`, a second copy of the module; the methods register their
+    # presets and keys in `synernet.core`, so the entry point is that module's `main`
+    from synernet.core import main as _main
+    _main()

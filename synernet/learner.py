@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .core import (Config, ConfigError, config_keys, dist_info, rng_states, set_rng_states, start_run,
-                           _atomic_write)
+                           _atomic_write, check_phases, loss_phases, format_phases, default_out_dir)
 from .metrics import Confusion, scores
 from . import data   # the data keys (crop size, views, val_resize) belong to every training config
 from .infer import ms_flip_logits, crf_from_config
@@ -188,7 +188,12 @@ class Learner:
                 raise ConfigError(f"Unknown method {cfg.method!r}; registered: {sorted(METHODS)}.")
             method_cls = METHODS[cfg.method]
         _check_mechanisms(cfg, method_cls)
+        # a weighted loss that would never run stops a run before it starts (nbs/00_core.ipynb); a finished run
+        # (loaded for evaluation) is only described
+        done = (Path(cfg.out_dir or default_out_dir(cfg)) / "checkpoints" / "final.pt").exists()
+        self.phases = (loss_phases if done else check_phases)(cfg, method_cls)
         self.run, self.device, self.log = start_run(cfg)
+        self.log.info(f"phases (first iteration of each loss; max_iters {cfg.max_iters}): {format_phases(self.phases)}")
         self.rank, self.world = init_distributed(self.device)
         if info is None or train_loader is None or val_loader is None:
             info = info or data.dataset_info(cfg)

@@ -8,6 +8,7 @@ import contextlib
 from typing import Callable
 
 from .cam import multi_scale_cam
+from .core import PROBE_HOOKS
 
 # %% auto #0
 __all__ = ['MECHANISMS', 'register_mechanism', 'build_mechanisms', 'suffix', 'Mechanism', 'mech_pass', 'Step', 'mech_forward',
@@ -26,6 +27,16 @@ def register_mechanism(name: str):
 def build_mechanisms(method) -> list:
     "The active mechanisms of a host method (those whose switch is on), in name order."
     return [MECHANISMS[name](method) for name in sorted(MECHANISMS) if method.cfg[name]]
+
+def _probe_mechanisms(method):
+    "Give a schedule probe of a host (`synernet.core.schedule_probe`) its mechanisms, holding only the config."
+    if getattr(type(method), "mechs", None) is None: return            # not a host of mechanisms
+    method.mechs = []
+    for name in sorted(MECHANISMS):
+        if method.cfg[name]:
+            m = object.__new__(MECHANISMS[name]); Mechanism.__init__(m, method); method.mechs.append(m)
+
+if _probe_mechanisms not in PROBE_HOOKS: PROBE_HOOKS.append(_probe_mechanisms)
 
 def suffix(name: str, key: str) -> str:
     "Per-branch name: `name` for ToCo's single branch (key ''), `name_b`, `name_p` for SynerNet's."

@@ -139,7 +139,6 @@ class PSS(Mechanism):
     def __init__(self, method):
         super().__init__(method)
         c = self.cfg
-        self.start = c.seg_start if c.pss_start < 0 else c.pss_start
         if c.pss_support == "ema":
             method.modules["pss_support"] = SupportNet(method.core, method.mech_branches)
             self.pairs = ema_pairs(method.modules["pss_support"].net, method.core)
@@ -148,6 +147,9 @@ class PSS(Mechanism):
         self.num = method.info.num_classes + 1
         self.bank = torch.zeros(len(nets), self.num, D, device=method.device)
         self.seen = torch.zeros(len(nets), self.num, dtype=torch.bool, device=method.device)
+
+    @property   # from the config alone: the schedule probe (`check_phases`) builds no network
+    def start(self) -> int: return self.cfg.seg_start if self.cfg.pss_start < 0 else self.cfg.pss_start
 
     def loss_weights(self, n: int) -> dict:
         on = n >= self.start
