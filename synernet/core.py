@@ -628,10 +628,12 @@ def main(argv=None):
     from synernet.train import import_methods   # every method module: its presets, keys and schedule
     import_methods()
     cfg = make_config(**parse_cli(sys.argv[1:] if argv is None else argv))
-    # the methods register the `method` key; without them (this notebook's own registry) there is no schedule to check
-    ph = check_phases(cfg) if "method" in CONFIG_KEYS else None
+    # the methods register the `method` key (without them, as in this notebook's own registry, there is no schedule);
+    # `base` and other presets that choose no method are printed, not checked: they are not meant to be trained
+    ph = check_phases(cfg) if "method" in CONFIG_KEYS and _sets_method(cfg.preset) else None
     run, device, log = start_run(cfg)
     if ph is not None: log.info(f"phases (first iteration of each loss; max_iters {cfg.max_iters}): {format_phases(ph)}")
+    else: log.info(f"preset {cfg.preset!r} chooses no training method: its phases are not checked")
     print(json.dumps(cfg.to_dict(), indent=2))
     return run
 

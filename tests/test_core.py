@@ -107,8 +107,7 @@ def test_run_folder_contents(tmp_path):
 
 def test_command_line_entry_point(tmp_path):
     out = subprocess.run([sys.executable, "-m", "synernet.core", "--preset", "base", "--out_dir",
-                          str(tmp_path / "r"), "--max_iters", "3", "--allow_silent_losses", "all"],
-                         capture_output=True, text=True, timeout=120)
+                          str(tmp_path / "r"), "--max_iters", "3"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout[out.stdout.index("{"):])["max_iters"] == 3
     bad = subprocess.run([sys.executable, "-m", "synernet.core", "--max_iter", "3"], capture_output=True,
