@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_data.ipynb #98ef495f
 from __future__ import annotations
-import argparse, dataclasses, difflib, json, logging, os, shutil, sys, time
+import argparse, dataclasses, difflib, json, logging, os, pickle, shutil, sys, time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,7 @@ from .transforms import DSKDTrainView, ToCoTrainView, normalize, denormalize
 # %% auto #0
 __all__ = ['VOC_CLASSES', 'COCO_CLASSES', 'COCO_CATEGORY_IDS', 'SYNTHETIC_CLASSES', 'CLASS_NAMES', 'IGNORE_INDEX',
            'DEFAULT_SPLITS', 'DEFAULT_ROOTS', 'SYNTHETIC_DEFAULTS', 'PREP_HINT', 'LABEL_FILE', 'voc_palette',
-           'DatasetInfo', 'data_dir', 'default_root', 'dataset_info', 'Layout', 'read_list', 'image_files',
+           'DatasetInfo', 'data_dir', 'default_root', 'dataset_info', 'DataError', 'Layout', 'read_list', 'image_files',
            'mask_files', 'read_image', 'read_mask', 'save_mask', 'build_cls_labels', 'save_cls_labels',
            'load_cls_labels', 'label_build_cmd', 'find_label_file', 'labels_for', 'check_layout', 'resolve_root',
            'train_transform', 'ClsDataset', 'SegDataset', 'ImageDataset', 'TrainLoader', 'per_process_batch',
@@ -139,6 +139,9 @@ def dataset_info(cfg) -> DatasetInfo:
     return DatasetInfo(name, names, len(names) - 1, root, *DEFAULT_SPLITS[name])
 
 # %% ../nbs/01_data.ipynb #c61faaee
+class DataError(ValueError):
+    "A data file or folder that cannot be used (corrupt, inconsistent, unreadable); the message names it and the fix."
+
 PREP_HINT = "See data/README.md for the preparation steps"
 
 @dataclasses.dataclass(frozen=True)
@@ -172,10 +175,10 @@ def read_list(path) -> list[str]:
         raise FileNotFoundError(f"Split list {path} not found.{avail} Pass another split (train_split/val_split) or "
                                 f"create the list. {PREP_HINT}.")
     names = [l.split()[0] for l in path.read_text().splitlines() if l.strip()]
-    if not names: raise ValueError(f"Split list {path} is empty: it should hold one image name per line.")
+    if not names: raise DataError(f"Split list {path} is empty: it should hold one image name per line.")
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})[:5]
-        raise ValueError(f"Split list {path} names some images twice (e.g. {dup}); remove the duplicates.")
+        raise DataError(f"Split list {path} names some images twice (e.g. {dup}); remove the duplicates.")
     return names
 
 def _check_dir(path: Path, what: str):
@@ -212,7 +215,7 @@ def read_image(path) -> np.ndarray:
     except FileNotFoundError:
         raise FileNotFoundError(f"Image {path} not found. Restore it, or remove its name from the split list.") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"Image {path} cannot be read ({type(e).__name__}: {e}); the file is corrupt or not an "
+        raise DataError(f"Image {path} cannot be read ({type(e).__name__}: {e}); the file is corrupt or not an "
                          "image. Replace it with the original, or remove its name from the split list.") from None
 
 def read_mask(path, num_classes: int) -> np.ndarray:
@@ -221,16 +224,16 @@ def read_mask(path, num_classes: int) -> np.ndarray:
     try:
         with Image.open(path) as im:
             if im.mode not in ("P", "L", "I", "I;16"):
-                raise ValueError(f"Mask {path} has mode {im.mode!r}: a class-index PNG (palette 'P' or grayscale 'L') "
+                raise DataError(f"Mask {path} has mode {im.mode!r}: a class-index PNG (palette 'P' or grayscale 'L') "
                                  "is expected, not a colour image. Convert colours to class indices first.")
             m = np.asarray(im)
     except FileNotFoundError:
         raise FileNotFoundError(f"Mask {path} not found. {PREP_HINT}.") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"Mask {path} cannot be read ({type(e).__name__}: {e}); the file is corrupt.") from None
+        raise DataError(f"Mask {path} cannot be read ({type(e).__name__}: {e}); the file is corrupt.") from None
     bad = (m > num_classes) & (m != IGNORE_INDEX)
     if bad.any():
-        raise ValueError(f"Mask {path} holds value {int(m[bad].flat[0])}, outside the classes 0..{num_classes} and "
+        raise DataError(f"Mask {path} holds value {int(m[bad].flat[0])}, outside the classes 0..{num_classes} and "
                          f"the ignore value 255. Is it a mask of another data set, or not yet converted?")
     return m.astype(np.uint8)
 
@@ -257,26 +260,46 @@ def save_cls_labels(path, labels: dict):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     np.save(path, {k: np.asarray(v, np.float32) for k, v in labels.items()}, allow_pickle=True)
 
+#: The only classes a label file's pickle may build: numpy arrays, dtypes and scalars (dicts, strings and numbers need none)
+_LABEL_PICKLE_OK = {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray")
+                    for n in ("_reconstruct", "scalar")} | {("numpy", "ndarray"), ("numpy", "dtype")}
+
+class _LabelUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _LABEL_PICKLE_OK: return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"the file needs {module}.{name}, which a label file never holds; unpickling it "
+                                     "could run code from the file, so it is refused")
+
+def _read_label_npy(path) -> np.ndarray:
+    """`np.load(path, allow_pickle=True)` without its risk: an object `.npy` holds a pickle, and a plain unpickler runs
+    whatever code the pickle names. This one builds numpy arrays, dicts, strings and numbers only."""
+    with open(path, "rb") as fh:
+        version = np.lib.format.read_magic(fh)
+        shape, fortran, dtype = (np.lib.format.read_array_header_1_0(fh) if version == (1, 0) else
+                                 np.lib.format.read_array_header_2_0(fh))
+        if dtype != object: return np.load(path, allow_pickle=False)
+        return _LabelUnpickler(fh).load()
+
 def load_cls_labels(path, num_classes: int) -> dict:
     "Load and validate a label file: a dict name -> 0/1 vector of length num_classes."
     path = Path(path)
-    try: d = np.load(path, allow_pickle=True)
+    try: d = _read_label_npy(path)
     except FileNotFoundError: raise FileNotFoundError(f"Label file {path} not found.") from None
     except Exception as e:
-        raise ValueError(f"Label file {path} cannot be read ({type(e).__name__}: {e}). Rebuild it: "
+        raise DataError(f"Label file {path} cannot be read ({type(e).__name__}: {e}). Rebuild it: "
                          f"{label_build_cmd(path)}") from None
     if not (isinstance(d, np.ndarray) and d.dtype == object and d.shape == () and isinstance(d.item(), dict)):
-        raise ValueError(f"Label file {path} is not a dict name -> label vector (the cls_labels_onehot.npy format). "
+        raise DataError(f"Label file {path} is not a dict name -> label vector (the cls_labels_onehot.npy format). "
                          f"Rebuild it: {label_build_cmd(path)}")
     d = d.item()
     out = {}
     for k, v in d.items():
         v = np.asarray(v, np.float32).reshape(-1)
         if v.shape != (num_classes,):
-            raise ValueError(f"Label file {path}: entry {k!r} has {v.size} classes, the data set has {num_classes}. "
+            raise DataError(f"Label file {path}: entry {k!r} has {v.size} classes, the data set has {num_classes}. "
                              f"Is it the label file of another data set? Rebuild it: {label_build_cmd(path)}")
         if not np.isin(v, (0, 1)).all():
-            raise ValueError(f"Label file {path}: entry {k!r} is not a 0/1 vector ({v.tolist()}).")
+            raise DataError(f"Label file {path}: entry {k!r} is not a 0/1 vector ({v.tolist()}).")
         out[str(k)] = v
     return out
 
@@ -303,7 +326,7 @@ def labels_for(labels: dict, names: list[str], label_path, list_path) -> np.ndar
     "[N,C] label matrix of the names of a split; every name must be in the label file."
     missing = [n for n in names if n not in labels]
     if missing:
-        raise ValueError(f"Label file {label_path} has no entry for {len(missing)} of the {len(names)} images of "
+        raise DataError(f"Label file {label_path} has no entry for {len(missing)} of the {len(names)} images of "
                          f"{list_path} (e.g. {missing[:5]}). The label file and the list disagree: rebuild the "
                          f"label file for this split ({label_build_cmd(label_path)}) or fix the list.")
     return np.stack([labels[n] for n in names]).astype(np.float32)
@@ -389,7 +412,7 @@ class SegDataset(Dataset):
         img = read_image(self.images[idx])
         mask = read_mask(self.masks[idx], self.num_classes)
         if mask.shape != img.shape[:2]:
-            raise ValueError(f"Mask {self.masks[idx]} is {mask.shape[1]}x{mask.shape[0]} (WxH) but its image "
+            raise DataError(f"Mask {self.masks[idx]} is {mask.shape[1]}x{mask.shape[0]} (WxH) but its image "
                              f"{self.images[idx]} is {img.shape[1]}x{img.shape[0]}: they must match. Re-create the "
                              "mask from the original annotation.")
         return dict(name=self.names[idx], img=normalize(img), mask=torch.from_numpy(mask.astype(np.int64)),
@@ -423,7 +446,7 @@ class TrainLoader:
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.epoch, self.position, self._it = 0, 0, None
         if len(self) == 0:
-            raise ValueError(f"The training split has {len(dataset)} images: too few for one batch of {batch_size} "
+            raise DataError(f"The training split has {len(dataset)} images: too few for one batch of {batch_size} "
                              f"per process on {world_size} process(es). Use a smaller batch_size or more data.")
 
     def __len__(self) -> int:
@@ -454,8 +477,33 @@ class TrainLoader:
             except StopIteration:
                 self.epoch, self.position, self._it = self.epoch + 1, 0, None
                 continue
+            except Exception as e:
+                err = self._worker_error(e)
+                if err is None: raise
+                self._it = None
+                raise err from e
             self.position += 1
             return batch
+
+    def _worker_error(self, e: BaseException) -> DataError | None:
+        """A `DataError` for a failure in a loader worker process: an exception there (a corrupt image) arrives with
+        its traceback pasted into the message, so keep its last line, which names the file; a worker that died (a
+        decoder crash) names nothing, so name the images of the batches that were being read."""
+        msg = str(e)
+        if "in DataLoader worker process" in msg:
+            last = [l for l in msg.strip().splitlines() if l.strip()][-1]
+            return DataError(f"{last.split(': ', 1)[-1]} (in a data loader worker; num_workers=0 reads in the main "
+                             "process)")
+        if "DataLoader worker" in msg:
+            names = getattr(self.dataset, "images", None) or getattr(self.dataset, "names", None)
+            ahead = max(1, self.num_workers) * 2                   # the batches the workers were reading
+            batches = self.epoch_batches(self.epoch)[self.position:self.position + ahead]
+            files = [str(names[i]) if names is not None else f"index {i}" for b in batches for i, _ in b]
+            return DataError(f"A data loader worker died ({msg.splitlines()[0].strip()}) while reading batch "
+                             f"{self.position} of epoch {self.epoch} or the next; the images being read: "
+                             f"{', '.join(files)}. A corrupt image can crash an image decoder: check these files "
+                             "(data/check_dataset.py), or set num_workers=0 to read them in the main process.")
+        return None
 
     def state_dict(self) -> dict: return dict(epoch=self.epoch, position=self.position)
     def load_state_dict(self, state: dict):
@@ -512,7 +560,7 @@ def _load_sbd_mask(path) -> np.ndarray:
     from scipy.io import loadmat
     try: m = loadmat(path, squeeze_me=True, struct_as_record=False)["GTcls"].Segmentation
     except Exception as e:
-        raise ValueError(f"SBD file {path} cannot be read as an SBD class annotation (GTcls.Segmentation): "
+        raise DataError(f"SBD file {path} cannot be read as an SBD class annotation (GTcls.Segmentation): "
                          f"{type(e).__name__}: {e}") from None
     return np.asarray(m, np.uint8)
 
@@ -593,7 +641,7 @@ def coco_to_masks(ann_file, image_dir, out_root, split: str, crowd: str = "class
     cat_to_cls = {cid: i + 1 for i, cid in enumerate(COCO_CATEGORY_IDS)}
     for c in coco.loadCats(coco.getCatIds()):
         if c["id"] not in cat_to_cls:
-            raise ValueError(f"{ann_file}: category id {c['id']} ({c.get('name')}) is not one of the 80 COCO classes.")
+            raise DataError(f"{ann_file}: category id {c['id']} ({c.get('name')}) is not one of the 80 COCO classes.")
     jobs, labels, empty = [], {}, []
     mask_dir = out / "SegmentationClass" / split
     for img_id in sorted(coco.getImgIds()):
@@ -608,7 +656,7 @@ def coco_to_masks(ann_file, image_dir, out_root, split: str, crowd: str = "class
         slim = []
         for a in anns:
             if a["category_id"] not in cat_to_cls:
-                raise ValueError(f"{ann_file}: annotation {a.get('id')} has unknown category id {a['category_id']}.")
+                raise DataError(f"{ann_file}: annotation {a.get('id')} has unknown category id {a['category_id']}.")
             k = cat_to_cls[a["category_id"]]; y[k - 1] = 1
             slim.append(dict(cls=k, iscrowd=int(a.get("iscrowd", 0)), area=float(a.get("area", 0)),
                              segmentation=a["segmentation"]))
@@ -638,7 +686,7 @@ def coco_to_masks(ann_file, image_dir, out_root, split: str, crowd: str = "class
         if val_part_list:
             part = read_list(val_part_list)
             unknown = [n for n in part if n not in labels]
-            if unknown: raise ValueError(f"{val_part_list} names {len(unknown)} images that are not in the converted "
+            if unknown: raise DataError(f"{val_part_list} names {len(unknown)} images that are not in the converted "
                                          f"val split (e.g. {unknown[:3]}).")
         else:
             k = min(val_part_size, len(names))
@@ -674,7 +722,7 @@ def check_dataset(dataset: str, root, splits, label_file: str = "", read_pixels:
                 if masks is not None:
                     m = read_mask(masks[i], info.num_classes)
                     if m.shape != img.shape[:2]:
-                        raise ValueError(f"Mask {masks[i]} is {m.shape[::-1]} (WxH), its image {imgs[i]} "
+                        raise DataError(f"Mask {masks[i]} is {m.shape[::-1]} (WxH), its image {imgs[i]} "
                                          f"{img.shape[1::-1]}: they must match.")
                     if y is not None:
                         present = np.zeros(info.num_classes, np.float32)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_learner.ipynb #dd962fb8
 from __future__ import annotations
-import contextlib, math, os, resource, time
+import contextlib, errno, hashlib, math, os, pickle, resource, shutil, signal, time
 from collections import defaultdict
 from pathlib import Path
 
@@ -22,8 +22,10 @@ from .infer import ms_flip_logits, crf_from_config
 from .transforms import denormalize
 
 # %% auto #0
-__all__ = ['METHODS', 'init_distributed', 'Forward', 'unwrap', 'register_method', 'Method', 'save_checkpoint', 'load_checkpoint',
-           'peak_memory_mb', 'train_iteration', 'Learner']
+__all__ = ['METHODS', 'PREVIOUS', 'init_distributed', 'Forward', 'unwrap', 'register_method', 'Method', 'CheckpointError',
+           'UnsafeFileError', 'read_weights', 'verify_checkpoint', 'save_checkpoint', 'apply_checkpoint',
+           'load_checkpoint', 'find_resume_checkpoint', 'peak_memory_mb', 'NonFiniteLoss', 'check_finite',
+           'PeerFailure', 'unanswered_ranks', 'peer_failure', 'train_iteration', 'Learner']
 
 # %% ../nbs/09_learner.ipynb #07c801fb
 config_keys("learner",
@@ -36,16 +38,23 @@ config_keys("learner",
                      dict(check=lambda v: v >= 0, check_msg="must be >= 0")),
     tensorboard=(False, "also write TensorBoard event files to the run folder"),
     progress=(True, "show a progress bar with ETA and the current losses"),
+    nonfinite_loss=("stop", "a NaN or infinite loss: 'stop' the run (naming the iteration and the loss; the last "
+                    "checkpoint stays) or 'skip' that update and go on", dict(choices=("stop", "skip"))),
+    dist_timeout=(600.0, "seconds a process waits for the others in a collective operation before it stops "
+                  "(the process-group timeout; a dead or hung process is then named)",
+                  dict(check=lambda v: v > 0, check_msg="must be > 0")),
 )
 
 # %% ../nbs/09_learner.ipynb #56517fb5
-def init_distributed(device: torch.device) -> tuple[int, int]:
-    "Join the torchrun process group if there is one (NCCL on CUDA, gloo on CPU). Returns (rank, world_size)."
+def init_distributed(device: torch.device, timeout: float = 600.0) -> tuple[int, int]:
+    """Join the torchrun process group if there is one (NCCL on CUDA, gloo on CPU). Returns (rank, world_size).
+    A collective operation that waits more than `timeout` seconds for another process fails instead of hanging."""
+    import datetime
     rank, local_rank, world = dist_info()
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda": torch.cuda.set_device(device)
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout))
     return rank, world
 
 class Forward(torch.nn.Module):
@@ -101,41 +110,288 @@ class Method:
         return unwrap(self.modules[name])
 
 # %% ../nbs/09_learner.ipynb #dec12249
+class CheckpointError(RuntimeError):
+    "A checkpoint or weights file that cannot be written or read; the message names the file and what to do."
+
+class UnsafeFileError(CheckpointError):
+    "A pickle that needs more than tensors, numbers, strings, containers and RNG states: refused, never unpickled."
+
+#: What a pickled file may hold beyond torch's own weights-only set (tensors, numbers, strings, lists, tuples, dicts,
+#: None): the numpy arrays of the numpy RNG state in checkpoints written before the state was stored as a tensor.
+def _allowed_globals() -> list:
+    core = getattr(np, "_core", None) or np.core
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+_ALLOWED_NAMES = {"numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct", "numpy.ndarray",
+                  "numpy.dtype", "numpy.dtypes.UInt32DType"}
+
+def _unsafe_globals(path) -> list[str]:
+    try: return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    except Exception: return []
+
+def read_weights(path, what: str = "checkpoint") -> dict:
+    """The contents of a checkpoint or weights file, read without running code from it: a `.safetensors` file with
+    safetensors, anything else with torch's weights-only unpickler and the allow-list above. A file that needs any
+    other class or function raises `UnsafeFileError` naming them; a damaged file raises `CheckpointError`."""
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f"{what.capitalize()} {path} not found.")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        try: return load_file(str(path))
+        except Exception as e:
+            raise CheckpointError(f"Cannot read {what} {path} as safetensors ({type(e).__name__}: {e}).") from None
+    try:
+        with torch.serialization.safe_globals(_allowed_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        needs = [g for g in _unsafe_globals(path) if g not in _ALLOWED_NAMES]
+        if needs or "Weights only load failed" in str(e):
+            raise UnsafeFileError(
+                f"Refusing to load {what} {path}: its pickle needs "
+                f"{', '.join(needs) if needs else 'objects other than tensors, numbers, strings, lists and dicts'}, "
+                "and unpickling them would run code from the file. synernet's checkpoints hold only tensors, "
+                "numbers, strings, lists, dicts and RNG states. If the file comes from elsewhere, ask for its "
+                "weights as .safetensors (`python -m synernet.train export RUN_DIR` writes them).") from None
+        raise CheckpointError(f"Cannot read {what} {path} (UnpicklingError: {e}): the file is damaged.") from None
+    except Exception as e:
+        raise CheckpointError(f"Cannot read {what} {path} ({type(e).__name__}: {e}): the file is truncated or "
+                              "damaged.") from None
+
+def _sidecar(path: Path) -> Path: return path.with_name(path.name + ".sha256")
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for b in iter(lambda: fh.read(1 << 20), b""): h.update(b)
+    return h.hexdigest()
+
+def verify_checkpoint(path) -> str | None:
+    "None if `path` matches the SHA-256 written beside it (`<name>.sha256`), else what is wrong with it."
+    path = Path(path); side = _sidecar(path)
+    if not side.is_file(): return f"no checksum file {side.name} beside it"
+    want = (side.read_text().split() or [""])[0]
+    got = _sha256(path)
+    if got != want:
+        return (f"its SHA-256 {got[:16]}... differs from the one recorded in {side.name} ({want[:16]}...): "
+                f"the file is truncated or corrupted ({path.stat().st_size} bytes)")
+    return None
+
+_FAILPOINT_HITS: dict = {}
+def _failpoint(name: str):
+    "Fault injection for the tests: `SYNERNET_FAILPOINT=name:k` SIGKILLs this process at the k-th pass of `name`."
+    spec = os.environ.get("SYNERNET_FAILPOINT")
+    if not spec or spec.rsplit(":", 1)[0] != name: return
+    _FAILPOINT_HITS[name] = _FAILPOINT_HITS.get(name, 0) + 1
+    if _FAILPOINT_HITS[name] == int(spec.rsplit(":", 1)[1]): os.kill(os.getpid(), signal.SIGKILL)
+
+class _HashingWriter:
+    "A file wrapper that hashes what is written (and passes the `ckpt_mid_write` fault point after 1 MiB)."
+    def __init__(self, fh): self.fh, self.h, self.n, self.mid, self.error = fh, hashlib.sha256(), 0, False, None
+    def write(self, b):
+        try: k = self.fh.write(b)
+        except OSError as e: self.error = e; raise        # torch.save reports it as a RuntimeError: keep the cause
+        self.h.update(memoryview(b)[:k]); self.n += k
+        if not self.mid and self.n >= 1 << 20: self.mid = True; _failpoint("ckpt_mid_write")
+        return k
+    def flush(self): self.fh.flush()
+
+def _portable_rng(st: dict) -> dict:
+    "The RNG states with numpy's key array as a tensor (so the checkpoint needs no numpy class to load)."
+    kind, keys, pos, has_gauss, cached = st["numpy"]
+    return {**st, "numpy": (kind, torch.from_numpy(np.asarray(keys).astype(np.int64)), int(pos), int(has_gauss),
+                            float(cached))}
+
+def _native_rng(st: dict) -> dict:
+    kind, keys, *rest = st["numpy"]
+    return {**st, "numpy": (kind, np.asarray(keys.numpy() if torch.is_tensor(keys) else keys, np.uint32), *rest)}
+
+def _second_name(src: Path, dst: Path):
+    "`dst` becomes another name of `src` (a hard link; a copy where the file system has none)."
+    try: os.link(src, dst)
+    except OSError:
+        t = dst.with_name(f".{dst.name}.tmp"); shutil.copyfile(src, t); os.replace(t, dst)
+
+#: `save_checkpoint(dir / "latest.pt")` keeps the checkpoint it replaces under this name (the last two are kept)
+PREVIOUS = {"latest.pt": "previous.pt"}
+
 def save_checkpoint(path: Path, n: int, method: Method, optims: list, loader=None, extra: dict | None = None):
-    "Write everything needed to resume after iteration `n` (atomic)."
+    """Write everything needed to resume after iteration `n`, with its SHA-256 beside it (`<name>.sha256`). The file
+    is written to a temporary name, flushed to disk and renamed; `latest.pt` first keeps its predecessor as
+    `previous.pt`. A failed write (a full disk) removes the temporary file, leaves the existing checkpoints as they
+    were and raises `CheckpointError`."""
+    path = Path(path)
     state = dict(iter=n, modules={k: unwrap(m).state_dict() for k, m in method.modules.items()},
                  optims=[o.state_dict() for o, _ in optims],
                  scheds=[s.state_dict() if s is not None else None for _, s in optims],
                  method=method.extra_state(), loader=loader.state_dict() if loader is not None else None,
-                 rng=rng_states(), extra=extra or {})
+                 rng=_portable_rng(rng_states()), extra=extra or {})
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp); os.replace(tmp, path)
+    tmp, side_tmp = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.sha256.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            w = _HashingWriter(fh)
+            try: torch.save(state, w)
+            except Exception:
+                if w.error is not None: raise w.error from None
+                raise
+            fh.flush(); os.fsync(fh.fileno())
+        with open(side_tmp, "w") as fh:
+            fh.write(f"{w.h.hexdigest()}  {path.name}\n"); fh.flush(); os.fsync(fh.fileno())
+        _failpoint("ckpt_written")
+        prev = path.with_name(PREVIOUS[path.name]) if path.name in PREVIOUS else None
+        if prev is not None and path.is_file() and _sidecar(path).is_file():
+            for f in (_sidecar(prev), prev): f.unlink(missing_ok=True)
+            _second_name(path, prev); _second_name(_sidecar(path), _sidecar(prev))
+        _sidecar(path).unlink(missing_ok=True)
+        _failpoint("ckpt_linked")
+        os.replace(tmp, path)
+        _failpoint("ckpt_replaced")
+        os.replace(side_tmp, _sidecar(path))
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try: os.fsync(dfd)
+        finally: os.close(dfd)
+    except OSError as e:
+        for f in (tmp, side_tmp, path.with_name(f".{PREVIOUS.get(path.name, '-')}.tmp")): f.unlink(missing_ok=True)
+        have = [f"{p.name} ({'intact' if verify_checkpoint(p) is None else 'unverified'})"
+                for p in sorted(path.parent.glob("*.pt"))]
+        raise CheckpointError(
+            f"Cannot write checkpoint {path} after iteration {n}: {e.strerror or e}"
+            f"{f' ({errno.errorcode.get(e.errno, e.errno)})' if e.errno else ''}. Nothing was replaced; the folder "
+            f"holds {', '.join(have) or 'no checkpoint'}. Free space (or fix {path.parent}) and run the same command "
+            "again: it resumes from the last checkpoint.") from None
 
-def load_checkpoint(path: Path, method: Method, optims: list, loader=None, restore_rng: bool = True) -> dict:
-    "Restore a checkpoint written by `save_checkpoint`; returns the raw state (with `iter`)."
-    try: state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise RuntimeError(f"Cannot read checkpoint {path} ({type(e).__name__}: {e}). Delete it to start over, "
-                           "or restore it from a backup.") from None
+def apply_checkpoint(state: dict, path, method: Method, optims: list, loader=None, restore_rng: bool = True) -> dict:
+    "Put a checkpoint's state (from `read_weights`) back into the method, optimisers, loader and generators."
     for k, m in method.modules.items():
         if k not in state["modules"]:
-            raise RuntimeError(f"Checkpoint {path} has no module {k!r} (it has {sorted(state['modules'])}); "
-                               "was it written by another method?")
+            raise CheckpointError(f"Checkpoint {path} has no module {k!r} (it has {sorted(state['modules'])}); "
+                                  "was it written by another method?")
         unwrap(m).load_state_dict(state["modules"][k])
     for (o, s), os_, ss in zip(optims, state["optims"], state["scheds"]):
         o.load_state_dict(os_)
         if s is not None and ss is not None: s.load_state_dict(ss)
     method.load_extra_state(state.get("method", {}))
     if loader is not None and state.get("loader") is not None: loader.load_state_dict(state["loader"])
-    if restore_rng: set_rng_states(state["rng"])
+    if restore_rng: set_rng_states(_native_rng(state["rng"]))
     return state
+
+def load_checkpoint(path: Path, method: Method, optims: list, loader=None, restore_rng: bool = True) -> dict:
+    """Restore a checkpoint written by `save_checkpoint`; returns the raw state (with `iter`). The checksum beside it
+    is checked when there is one; the file is read with `read_weights` (never unpickled beyond plain data)."""
+    problem = verify_checkpoint(path) if _sidecar(Path(path)).is_file() else None
+    if problem: raise CheckpointError(f"Checkpoint {path}: {problem}.")
+    return apply_checkpoint(read_weights(path), path, method, optims, loader, restore_rng)
+
+def find_resume_checkpoint(ckpt_dir: Path, log=None) -> tuple[Path, dict] | None:
+    """The checkpoint a restarted run continues from, with its state: `latest.pt`, else `previous.pt`, each checked
+    against its SHA-256. A damaged one is reported (`log.warning`) and skipped. A file without a checksum (written
+    before checksums, or killed between the rename and the checksum) is used only if it reads. None when the folder
+    has no checkpoint; `CheckpointError` when it has some but none is usable (never a silent start from scratch)."""
+    problems = []
+    if dist_info()[0] == 0:
+        for t in Path(ckpt_dir).glob(".*.tmp"): t.unlink(missing_ok=True)     # a write that a kill interrupted
+    for name in ("latest.pt", "previous.pt"):
+        p = Path(ckpt_dir) / name
+        if not p.is_file(): continue
+        problem = verify_checkpoint(p)
+        if problem is not None and _sidecar(p).is_file():
+            problems.append(f"{name}: {problem}")
+            if log: log.warning(f"checkpoint {p} is not usable: {problem}")
+            continue
+        try: state = read_weights(p)
+        except UnsafeFileError: raise
+        except CheckpointError as e:
+            problems.append(f"{name}: {e}")
+            if log: log.warning(f"checkpoint {p} is not usable: {e}")
+            continue
+        if problem is not None:
+            if log: log.warning(f"checkpoint {p} has {problem}; it reads, so it is used (and its checksum written)")
+            if dist_info()[0] == 0: _atomic_write(_sidecar(p), f"{_sha256(p)}  {p.name}\n")
+        if problems and log: log.warning(f"resuming from {p} (iteration {state['iter'] + 1}) instead")
+        return p, state
+    if problems:
+        raise CheckpointError(f"No usable checkpoint in {ckpt_dir}: {'; '.join(problems)}. The run does not start "
+                              f"over on its own: restore a checkpoint there, or delete {ckpt_dir} to train from "
+                              "iteration 0.")
+    return None
+
 
 # %% ../nbs/09_learner.ipynb #fa9e3c9e
 def peak_memory_mb(device: torch.device) -> float:
     "Peak memory of this process: CUDA max allocated on a GPU, max RSS on a CPU (MB)."
     if device.type == "cuda": return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+# %% ../nbs/09_learner.ipynb #a1f0c002
+class NonFiniteLoss(FloatingPointError):
+    "A loss that is NaN or infinite; the message names the iteration, the loss and its value."
+    def __init__(self, msg: str, n: int, names: list):
+        super().__init__(msg); self.n, self.names = n, names
+
+def check_finite(losses: dict, weights: dict, total, n: int, last_ckpt=None):
+    """Raise `NonFiniteLoss` if the weighted total of iteration `n` is not finite, naming each weighted loss that is
+    NaN or infinite. In a distributed run every process learns whether any process saw one (one small all-reduce),
+    so all of them stop, or all of them skip the update, together."""
+    bad = float(not torch.isfinite(total.detach()))
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if world > 1:
+        flags = torch.zeros(world, dtype=torch.float64, device=total.device)
+        flags[dist.get_rank()] = bad
+        dist.all_reduce(flags)
+        ranks = [r for r in range(world) if flags[r] > 0]
+    else: ranks = [0] if bad else []
+    if not ranks: return
+    names = [k for k, v in losses.items() if weights.get(k, 0.0) != 0 and not torch.isfinite(v.detach()).all()]
+    if bad:
+        vals = ", ".join(f"{k} {float(v.detach()):.4g}" for k, v in losses.items() if k not in names)
+        what = (", ".join(f"loss {k!r} is {float(losses[k].detach())} (weight {weights[k]:g})" for k in names)
+                or f"the weighted total is {float(total.detach())} (every loss is finite; the sum overflows)")
+        where = f" on rank {dist.get_rank()}" if world > 1 else ""
+        msg = f"iteration {n}{where}: {what}; the other losses: {vals or 'none'}."
+    else:
+        msg = f"iteration {n}: the loss is not finite on rank(s) {ranks} (their logs name it)."
+    if last_ckpt is not None:
+        last_ckpt = Path(last_ckpt)
+        msg += (f" The last checkpoint, {last_ckpt}, is kept." if last_ckpt.is_file() else
+                " No checkpoint has been written yet.")
+    raise NonFiniteLoss(msg, n, names)
+
+class PeerFailure(RuntimeError):
+    "Another process of a distributed run died or hangs; the message names its rank."
+
+def unanswered_ranks(wait: float = 5.0) -> list[int] | None:
+    """After a failed collective: the ranks that do not check in through the process group's key-value store within
+    `wait` seconds (their process died, or hangs). None if the store itself cannot be reached (it lives with rank 0
+    under a plain multi-process launch, with the agent under torchrun)."""
+    import datetime
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set_timeout(datetime.timedelta(seconds=wait))
+        store.set(f"synernet/alive/{rank}", "1")
+        deadline, missing = time.time() + wait, [r for r in range(world) if r != rank]
+        while missing and time.time() < deadline:
+            missing = [r for r in missing if not store.check([f"synernet/alive/{r}"])]
+            if missing: time.sleep(0.2)
+        return missing
+    except Exception:
+        return None
+
+def peer_failure(err: BaseException, n: int, last_ckpt=None, wait: float = 5.0) -> PeerFailure | None:
+    "A `PeerFailure` naming the processes that stopped answering, when a collective failed because of them."
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1: return None
+    if isinstance(err, (NonFiniteLoss, CheckpointError, ConfigError)): return None
+    gone = unanswered_ranks(wait)
+    if gone == []: return None                          # every process answers: not a peer failure
+    rank, world = dist.get_rank(), dist.get_world_size()
+    who = ("rank 0 (it holds the process group's store: its process died or hangs)" if gone is None else
+           f"rank{'s' if len(gone) > 1 else ''} {', '.join(map(str, gone))}")
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+    ck = f" The last checkpoint is {last_ckpt}." if last_ckpt is not None and Path(last_ckpt).is_file() else ""
+    return PeerFailure(f"iteration {n}: {who} of {world} stopped answering (its process died or hangs), so this "
+                       f"process (rank {rank}) stops too. The failed operation said: {type(err).__name__}: {first}."
+                       f"{ck} Run the same command again to resume.")
+
 
 # %% ../nbs/09_learner.ipynb #6dee7c34
 def _check_mechanisms(cfg, method_cls):
@@ -161,9 +417,7 @@ def train_iteration(method: Method, optims: list, batch: dict, n: int, grad_clip
     total = sum(weights.get(k, 0.0) * v for k, v in losses.items() if weights.get(k, 0.0) != 0)
     if not torch.is_tensor(total):
         raise RuntimeError(f"iteration {n}: no loss has a non-zero weight (weights {weights})")
-    if not torch.isfinite(total):
-        raise FloatingPointError(f"iteration {n}: the loss is {total.item()} "
-                                 f"({ {k: float(v) for k, v in losses.items()} }); the last checkpoint is {last_ckpt}")
+    check_finite(losses, weights, total, n, last_ckpt)      # NonFiniteLoss names the iteration and the loss
     idx = method.active_optimizers(n)
     active = optims if idx is None else [optims[i] for i in idx]
     for o, _ in optims: o.zero_grad(set_to_none=True)
@@ -194,7 +448,7 @@ class Learner:
         self.phases = (loss_phases if done else check_phases)(cfg, method_cls)
         self.run, self.device, self.log = start_run(cfg)
         self.log.info(f"phases (first iteration of each loss; max_iters {cfg.max_iters}): {format_phases(self.phases)}")
-        self.rank, self.world = init_distributed(self.device)
+        self.rank, self.world = init_distributed(self.device, cfg.dist_timeout)
         if info is None or train_loader is None or val_loader is None:
             info = info or data.dataset_info(cfg)
             train_loader = train_loader or data.make_train_loader(cfg, self.rank, self.world)
@@ -212,12 +466,13 @@ class Learner:
                                        and torch.cuda.is_bf16_supported())
         self.start_iter, self.train_seconds = 0, 0.0
         self.tb = None
-        latest = self.run.ckpt_dir / "latest.pt"
-        if latest.exists():
-            st = load_checkpoint(latest, self.method, self.optims, self.train_loader)
+        found = find_resume_checkpoint(self.run.ckpt_dir, self.log)     # latest.pt, else previous.pt (checksums)
+        if found is not None:
+            ck, st = found
+            apply_checkpoint(st, ck, self.method, self.optims, self.train_loader)
             self.start_iter, self.train_seconds = st["iter"] + 1, st["extra"].get("train_seconds", 0.0)
             self.run.truncate_metrics(st["iter"] + 1)   # lines of step iter+1 belong to the checkpointed iteration
-            self.log.info(f"resumed from {latest} at iteration {self.start_iter}")
+            self.log.info(f"resumed from {ck} at iteration {self.start_iter}")
 
     def autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
@@ -240,6 +495,24 @@ class Learner:
 
     def fit(self) -> dict:
         "Train to `max_iters` (resuming if a checkpoint exists), evaluate, write `summary.json`; returns the summary."
+        self.current_iter = self.start_iter
+        try: return self._fit()
+        except Exception as e:
+            pf = peer_failure(e, self.current_iter, self.run.ckpt_dir / "latest.pt", min(self.cfg.dist_timeout, 30))
+            if pf is None: raise
+            self.log.error(str(pf))
+            raise pf from e
+
+    def _skip_update(self, n: int, err: NonFiniteLoss):
+        "`nonfinite_loss='skip'`: no update at iteration `n`; the schedulers still advance."
+        self.log.warning(f"{err} Skipping this update (nonfinite_loss='skip').")
+        idx = self.method.active_optimizers(n)
+        for o, s in (self.optims if idx is None else [self.optims[i] for i in idx]):
+            o.zero_grad(set_to_none=True)
+            if s is not None: s.step()
+        self.skipped_updates = getattr(self, "skipped_updates", 0) + 1
+
+    def _fit(self) -> dict:
         cfg, log = self.cfg, self.log
         if cfg.tensorboard and self.rank == 0 and self.tb is None:
             from torch.utils.tensorboard import SummaryWriter
@@ -255,8 +528,14 @@ class Learner:
             t0 = time.time()
             batch = next(it)
             batch = {k: _to(v, self.device) for k, v in batch.items()}
-            losses, weights, total = train_iteration(self.method, self.optims, batch, n, cfg.grad_clip,
-                                                     self.autocast, self.run.ckpt_dir / "latest.pt")
+            self.current_iter = n
+            try:
+                losses, weights, total = train_iteration(self.method, self.optims, batch, n, cfg.grad_clip,
+                                                         self.autocast, self.run.ckpt_dir / "latest.pt")
+            except NonFiniteLoss as e:
+                if cfg.nonfinite_loss != "skip": raise
+                self._skip_update(n, e); continue
+            _failpoint("iteration")
             self.train_seconds += time.time() - t0
             for k, v in losses.items(): window[k].append(float(v.detach()))
             window["total"].append(float(total.detach()))
@@ -282,7 +561,7 @@ class Learner:
             if (cfg.ckpt_every and (n + 1) % cfg.ckpt_every == 0) or last:
                 self.checkpoint(n)
         if bar is not None: bar.close()
-        if self.start_iter < cfg.max_iters: self.checkpoint(cfg.max_iters - 1, "final.pt")
+        self.checkpoint(cfg.max_iters - 1, "final.pt")   # also after a kill between the last checkpoint and this one
         return self.finish()
 
     @torch.no_grad()

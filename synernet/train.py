@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_train.ipynb #c007fe03
 from __future__ import annotations
-import hashlib, importlib, json, os, pkgutil, subprocess, sys
+import hashlib, importlib, json, os, pkgutil, subprocess, sys, traceback
 from pathlib import Path
 
 import torch
@@ -14,9 +14,10 @@ from .core import (CONFIG_KEYS, RESUME_IGNORED, Config, ConfigError, default_out
                            parse_cli)
 
 # %% auto #0
-__all__ = ['MECHANISM_MODULES', 'import_methods', 'split_nproc', 'torchrun_cmd', 'to_argv', 'build_config', 'train', 'run_dir_of',
-           'launch', 'main', 'run_training', 'load_learner', 'evaluate_run', 'read_metrics', 'plot_losses',
-           'metric_tables', 'val_label_maps', 'show_predictions']
+__all__ = ['MECHANISM_MODULES', 'USAGE', 'import_methods', 'split_nproc', 'torchrun_cmd', 'to_argv', 'build_config', 'train',
+           'run_dir_of', 'launch', 'user_errors', 'run_failures', 'cli', 'main', 'run_training', 'checkpoint_path',
+           'export_weights', 'load_weights', 'parse_export_args', 'load_learner', 'evaluate_run', 'read_metrics',
+           'plot_losses', 'metric_tables', 'val_label_maps', 'show_predictions']
 
 # %% ../nbs/11_train.ipynb #aad9cd12
 MECHANISM_MODULES = ("bmp", "pss", "amr")
@@ -87,13 +88,33 @@ def launch(cmd: list[str], env: dict | None = None) -> int:
         p.kill(); p.wait(); raise
     return p.wait()
 
-def main(argv: list[str] | None = None) -> int:
-    "`python -m synernet.train [--nproc N] --key value ...`: train as configured; returns the exit code."
-    argv = sys.argv[1:] if argv is None else list(argv)
+USAGE = """usage:
+  python -m synernet.train [--nproc N] [--debug] --key value ...    train as configured (any config key is a flag)
+  python -m synernet.train export RUN_DIR [--checkpoint final.pt] [--out FILE]
+                                                  write a checkpoint's weights as .safetensors, to share them
+  python -m synernet.train --help                 every config key with its default and meaning"""
+
+def user_errors() -> tuple:
+    "The errors that come from what the user gave (arguments, config, data, files): message only, exit status 2."
+    from synernet.learner import CheckpointError
+    from synernet.data import DataError
+    return (ConfigError, DataError, CheckpointError, FileNotFoundError, NotADirectoryError)
+
+def run_failures() -> tuple:
+    "Failures of a run that its message explains (a non-finite loss, a dead process): message only, exit status 1."
+    from synernet.learner import NonFiniteLoss, PeerFailure
+    return (NonFiniteLoss, PeerFailure)
+
+def cli(argv: list[str]) -> int:
+    "The command line without its error handling (see `main`)."
     if argv and argv[0] in ("-h", "--help"):
         import_methods()
-        print(__doc__ or "python -m synernet.train [--nproc N] --key value ...\n\nconfig keys:")
+        print(__doc__ or "", USAGE, "\nconfig keys:", sep="\n")
         for k, key in sorted(CONFIG_KEYS.items()): print(f"  --{k} ({key.default!r}): {key.doc}")
+        return 0
+    if argv and argv[0] == "export":
+        a = parse_export_args(argv[1:])
+        print(export_weights(a["run_dir"], a["checkpoint"], a["out"]))
         return 0
     nproc, rest = split_nproc(argv)
     cfg = build_config(rest)           # validate before starting any process
@@ -101,6 +122,21 @@ def main(argv: list[str] | None = None) -> int:
         return launch(torchrun_cmd(nproc, rest))
     train(cfg)
     return 0
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m synernet.train ...`; returns the exit code. A user error (`user_errors`) prints its message and
+    returns 2, a run failure (`run_failures`) prints its message and returns 1, both without a traceback; `--debug`
+    (or `SYNERNET_DEBUG=1`) prints the traceback as well. Anything else is a bug and raises."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or os.environ.get("SYNERNET_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    if debug: os.environ["SYNERNET_DEBUG"] = "1"          # also for the processes torchrun starts
+    try:
+        return cli(argv)
+    except (*user_errors(), *run_failures()) as e:
+        if debug: traceback.print_exc()
+        print(f"error: {e}" + ("" if debug else "  (--debug shows the traceback)"), file=sys.stderr)
+        return 2 if isinstance(e, user_errors()) else 1
 
 def run_training(nproc: int = 1, **params) -> dict:
     "Train with config `params` (None = preset value) in `nproc` processes; returns the run's summary."
@@ -112,26 +148,94 @@ def run_training(nproc: int = 1, **params) -> dict:
     if not f.exists(): raise FileNotFoundError(f"The distributed run finished but wrote no {f}.")
     return json.loads(f.read_text())
 
-# %% ../nbs/11_train.ipynb #72e4f881
-#| eval: false
-if __name__ == "__main__": sys.exit(main())
-
 # %% ../nbs/11_train.ipynb #d342a947
+def checkpoint_path(run_dir, checkpoint: str = "final.pt") -> Path:
+    "A checkpoint of a run: a file name in `run_dir/checkpoints`, or a path (absolute, or relative to the current folder)."
+    c = Path(checkpoint).expanduser()
+    ck = c if (c.is_absolute() or len(c.parts) > 1) else Path(run_dir) / "checkpoints" / c
+    if not ck.is_file():
+        have = sorted(p.name for p in (Path(run_dir) / "checkpoints").glob("*") if p.suffix in (".pt", ".safetensors"))
+        raise FileNotFoundError(f"Checkpoint {ck} not found; this run has {have or 'no checkpoints'}.")
+    return ck
+
+def _safetensors_meta(path) -> dict:
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), "pt") as fh: return fh.metadata() or {}
+    except Exception as e:
+        from synernet.learner import CheckpointError
+        raise CheckpointError(f"Cannot read weights file {path} as safetensors ({type(e).__name__}: {e}).") from None
+
+def export_weights(run_dir, checkpoint: str = "final.pt", out=None) -> Path:
+    """Write the weights of a run's checkpoint (every module of the method) as one `.safetensors` file for sharing:
+    tensors only, named `<module>.<parameter>`, with the run's config and iteration in its metadata. Default output:
+    the checkpoint's name with `.safetensors`. `evaluate.ipynb` (`load_learner`) reads it in place of a `.pt`."""
+    from safetensors.torch import save_file
+    from synernet.learner import read_weights, verify_checkpoint, CheckpointError, _sidecar
+    run_dir = Path(run_dir)
+    ck = checkpoint_path(run_dir, checkpoint)
+    if _sidecar(ck).is_file() and (problem := verify_checkpoint(ck)): raise CheckpointError(f"Checkpoint {ck}: {problem}.")
+    st = read_weights(ck)
+    tensors = {}
+    for m, sd in st["modules"].items():
+        for k, v in sd.items():
+            if not torch.is_tensor(v): raise CheckpointError(f"{ck}: module {m!r} entry {k!r} is not a tensor ({type(v).__name__}).")
+            tensors[f"{m}.{k}"] = v.detach().cpu().contiguous().clone()
+    cfg_file = run_dir / "config.json"
+    meta = dict(format="synernet-weights", iter=str(int(st["iter"])), modules=json.dumps(sorted(st["modules"])),
+                source=ck.name, config=cfg_file.read_text() if cfg_file.is_file() else "")
+    out = Path(out) if out else ck.with_suffix(".safetensors")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    save_file(tensors, str(tmp), metadata=meta); os.replace(tmp, out)
+    return out
+
+def load_weights(path, method) -> dict:
+    "Load a `.safetensors` file written by `export_weights` into the method's modules; returns `{iter: ...}`."
+    from synernet.learner import read_weights, unwrap, CheckpointError
+    tensors, meta = read_weights(path, "weights file"), _safetensors_meta(path)
+    for m, mod in method.modules.items():
+        sd = {k[len(m) + 1:]: v for k, v in tensors.items() if k.startswith(m + ".")}
+        if not sd: raise CheckpointError(f"Weights file {path} has no tensors of module {m!r} (it has "
+                                         f"{sorted({k.split('.')[0] for k in tensors})}); was it exported from "
+                                         "another method?")
+        try: unwrap(mod).load_state_dict(sd)
+        except RuntimeError as e:
+            raise CheckpointError(f"Weights file {path} does not fit module {m!r}: {str(e).splitlines()[0]} ...") from None
+    return dict(iter=int(meta.get("iter", -1)))
+
+def parse_export_args(argv: list[str]) -> dict:
+    "`RUN_DIR [--checkpoint NAME] [--out FILE]` of `python -m synernet.train export`."
+    out, pos, i = dict(checkpoint="final.pt", out=None), [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a in ("--checkpoint", "--out"):
+            if i + 1 >= len(argv): raise ConfigError(f"export: {a} needs a value.")
+            out[a[2:]] = argv[i + 1]; i += 2
+        elif a.startswith("--"): raise ConfigError(f"export: unknown option {a!r}.\n{USAGE}")
+        else: pos.append(a); i += 1
+    if len(pos) != 1: raise ConfigError(f"export takes one run folder, got {len(pos)} ({pos}).\n{USAGE}")
+    return dict(out, run_dir=pos[0])
+
 def load_learner(run_dir, checkpoint: str = "final.pt", device: str | None = None, **eval_params):
-    "The learner of a finished (or interrupted) run, with weights from `checkpoints/<checkpoint>`; no training."
+    """The learner of a finished (or interrupted) run, with weights from `checkpoints/<checkpoint>`; no training.
+    `checkpoint` may also be a `.safetensors` file from `export_weights`; a folder without `config.json` then takes
+    the config stored in that file (and becomes its run folder)."""
     from synernet.learner import Learner, load_checkpoint
     from synernet import data
     run_dir = Path(run_dir)
     f = run_dir / "config.json"
+    ck = Path(checkpoint).expanduser()
+    if not f.is_file() and ck.suffix == ".safetensors" and ck.is_file() and _safetensors_meta(ck).get("config"):
+        from synernet.core import _atomic_write
+        _atomic_write(f, _safetensors_meta(ck)["config"])      # the exported run's config makes this a run folder
     if not f.is_file(): raise FileNotFoundError(f"{f} not found: is {run_dir} a run folder (written by a training run)?")
     import_methods()
     cfg = Config.load(f).replace(out_dir=str(run_dir), **({"device": device} if device else {}))
-    ck = run_dir / "checkpoints" / checkpoint
-    if not ck.is_file():
-        have = sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt"))
-        raise FileNotFoundError(f"Checkpoint {ck} not found; this run has {have or 'no checkpoints'}.")
+    ck = checkpoint_path(run_dir, checkpoint)
     lrn = Learner(cfg)
-    lrn.checkpoint_state = load_checkpoint(ck, lrn.method, lrn.optims, None, restore_rng=False)
+    lrn.checkpoint_state = (load_weights(ck, lrn.method) if ck.suffix == ".safetensors" else
+                            load_checkpoint(ck, lrn.method, lrn.optims, None, restore_rng=False))
     eval_params = {k: v for k, v in eval_params.items() if v is not None}
     if eval_params:
         lrn.cfg = cfg.replace(**eval_params)
@@ -220,3 +324,7 @@ def show_predictions(lrn, n: int = 3):
             if r == 0: a.set_title(t.replace("_", " "), fontsize=9)
     fig.tight_layout()
     return fig
+
+# %% ../nbs/11_train.ipynb #72e4f881
+#| eval: false
+if __name__ == "__main__": sys.exit(main())

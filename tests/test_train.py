@@ -1,5 +1,6 @@
-"""End-to-end training: papermill smoke runs (synthetic, VOC and COCO layouts), kill-and-resume with SIGKILL, and a
-2-process DDP run on CPU (gloo). Tiny settings throughout (batch 2-4, a few iterations, crop 96)."""
+"""End-to-end training: papermill smoke runs (synthetic, VOC and COCO layouts), evaluation of exported weights, and a
+2-process DDP run on CPU (gloo); kill-and-resume is in test_reliability.py. Tiny settings throughout (batch 2-4, a
+few iterations, crop 96)."""
 import hashlib, json, os, shutil, signal, subprocess, sys, textwrap, time
 from pathlib import Path
 
@@ -68,6 +69,15 @@ def test_train_notebook(tmp_path, dataset):
             assert e[k] == pytest.approx(s["metrics"][k], abs=1e-9), k
         assert (tmp_path / "run" / "eval_per_class_iou.csv").is_file()
         assert not any(o.get("output_type") == "error" for c in ev["cells"] for o in c.get("outputs", []))
+        # shared weights: exported as safetensors, evaluated from the file alone (a folder without config.json)
+        w = tmp_path / "shared" / "weights.safetensors"
+        r = subprocess.run([PY, "-m", "synernet.train", "export", str(tmp_path / "run"), "--out", str(w)],
+                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert r.returncode == 0 and r.stdout.strip() == str(w), r.stderr[-3000:]
+        _papermill("evaluate.ipynb", tmp_path / "ev2.ipynb", dict(run_dir=tmp_path / "shared" / "eval", checkpoint=w,
+                                                                   final_eval="ms", max_images=2), tmp_path)
+        e2 = json.loads((tmp_path / "shared" / "eval" / "eval_summary.json").read_text())
+        for k in ("cam_miou", "seg_miou", "seg_ms_miou"): assert e2[k] == e[k], k
 
 
 def _method_presets():
@@ -83,41 +93,6 @@ def test_train_notebook_every_preset(tmp_path, preset):
     _papermill("train.ipynb", tmp_path / "out.ipynb", params, tmp_path)
     s = _check_run(tmp_path / "run", "synthetic")
     assert s["preset"] == preset and s["seg_miou"] is not None
-
-
-def _train_cmd(out, **kw):
-    args = dict(preset="toco", out_dir=out, deterministic=True, ckpt_every=2, max_iters=6, batch_size=2, log_every=1,
-                eval_every=0, final_eval="none", seg_start=3, seg_loss_nan_guard=True, progress=False,
-                **kw)
-    return [PY, "-m", "synernet.train", *[a for k, v in args.items() for a in (f"--{k}", str(v))]]
-
-
-def _weights(run):
-    return torch.load(run / "checkpoints" / "final.pt", map_location="cpu", weights_only=False)["modules"]
-
-
-def test_kill_and_resume(tmp_path):
-    "SIGKILL a real training process after its first checkpoint; the same command resumes to identical weights."
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    straight, killed = tmp_path / "a", tmp_path / "b"
-    r = subprocess.run(_train_cmd(straight), env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    p = subprocess.Popen(_train_cmd(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    latest, t0 = killed / "checkpoints" / "latest.pt", time.time()
-    while not latest.exists() and p.poll() is None and time.time() - t0 < 200: time.sleep(0.05)
-    p.send_signal(signal.SIGKILL); p.wait()
-    assert p.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    it = torch.load(latest, map_location="cpu", weights_only=False)["iter"]
-    assert 1 <= it < 5 and not (killed / "checkpoints" / "final.pt").exists()
-    r = subprocess.run(_train_cmd(killed), env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert f"resumed from {latest} at iteration {it + 1}" in r.stdout
-    a, b = _weights(straight), _weights(killed)
-    for k in a["net"]: assert torch.equal(a["net"][k], b["net"][k]), k
-    ma = [json.loads(l) for l in (straight / "metrics.jsonl").read_text().splitlines()]
-    mb = [json.loads(l) for l in (killed / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in mb] == [1, 2, 3, 4, 5, 6]
-    assert [m["loss_total"] for m in ma] == [m["loss_total"] for m in mb]
 
 
 DDP_WORKER = textwrap.dedent("""
