@@ -1,5 +1,5 @@
 """Reference parity of the losses and the evaluation metrics with ToCo (fixture families `label_to_aff_mask`,
-`ptc_loss`, `seg_loss`, `ctc_loss`, `evaluate_scores`; see ../shared/fixtures/toco/README.md).
+`ptc_loss`, `seg_loss`, `ctc_loss`, `evaluate_scores`; see tests/fixtures/toco/README.md).
 
 Protocol: see test_reference.py. Each check runs the case in float64 (autograd in float64, the README's f64
 tolerances) and again on float32-cast inputs (the README's f32 tolerances). Nothing here depends on case names,

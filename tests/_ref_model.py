@@ -1,5 +1,5 @@
 """Reference parity of the optimiser schedule with ToCo (fixture family `poly_warmup_adamw_lr`; see
-../shared/fixtures/toco/README.md, section 4.10).
+tests/fixtures/toco/README.md, section 4.10).
 
 Protocol: see test_reference.py. Each case gives the initial lr of every parameter group, the schedule's settings and
 the group lrs read after `steps[k]` calls of the scheduler's `step()` (the lr used by update number `steps[k]`,

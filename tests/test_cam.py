@@ -1,7 +1,9 @@
 """CAM post-processing, PAR and pseudo-label refinement: properties and independent loop references.
 
 Reference parity with ToCo's own outputs is in _ref_cam.py (run by test_reference.py); here the same functions are
-checked against plain per-pixel / per-image loops written from METHOD.md a.3-a.6 and against its invariants (g.1, g.2).
+checked against plain per-pixel / per-image loops written from the rules of ToCo's `utils/camutils.py`
+(`multi_scale_cam2`, `cam_to_label`, `refine_cams_with_bkg_v2`) and `model/PAR.py`, and against their invariants
+(flip equivariance; PAR scales a constant mask by 1.01 per iteration and keeps channel sums of probabilities equal).
 """
 import itertools
 
@@ -19,7 +21,7 @@ D64 = torch.float64
 
 # --------------------------------------------------------------------------------------------------- references
 def cam_to_label_loop(cam, y, box, bkg, high, low, ignore_mid, ii=255):
-    "Per-pixel reading of METHOD.md a.4 (numpy), the box applied as a Python slice."
+    "Per-pixel reading of ToCo's `cam_to_label` (utils/camutils.py) in numpy, the box applied as a Python slice."
     B, C, H, W = cam.shape
     out = np.full((B, H, W), ii)
     for b in range(B):
@@ -38,7 +40,7 @@ def cam_to_label_loop(cam, y, box, bkg, high, low, ignore_mid, ii=255):
 
 
 def par_loop(img, mask, dilations, num_iter, w1=0.3, w2=0.01):
-    "Per-pixel PAR (METHOD.md a.5) in numpy float64, exact sqrt(2); mask already at image size."
+    "Per-pixel PAR (ToCo's model/PAR.py) in numpy float64, exact sqrt(2); mask already at image size."
     C, H, W = img.shape
     offs = [(d * dy, d * dx) for d in dilations for dy, dx in DIRECTIONS]
     pos = np.array([d * (np.sqrt(2) if dy and dx else 1.0) for d in dilations for dy, dx in DIRECTIONS])
@@ -62,7 +64,8 @@ def par_loop(img, mask, dilations, num_iter, w1=0.3, w2=0.01):
 
 
 def refine_loop(par, images, cams, y, box, high, low, down=2, ii=255):
-    "ToCo's per-image refinement (METHOD.md a.6) written as a loop over images, softmax over present keys only."
+    """ToCo's per-image refinement (`refine_cams_with_bkg_v2`, utils/camutils.py) as a loop over images, softmax over
+    present keys only."""
     B, C, H, W = cams.shape
     h, w = H // down, W // down
     img = F.interpolate(images, size=(h, w), mode="bilinear", align_corners=False)
@@ -248,7 +251,9 @@ def test_par_from_config():
 
 # ------------------------------------------------------------------------------------------------------- refine
 def test_refine_row_num_iter_0():
-    "METHOD.md g.1 item 8."
+    """`refine_cams_with_bkg_v2` of ToCo with PAR(num_iter=0): the thresholds alone. Class 1 has 0.9 / 0.5 / 0.1 on
+    columns 0-3 / 4-7 / 8-11, class 2 0.8 on 12-15, box to column 14; row 5 as ToCo's function gives it (column 12
+    is an edge effect of the x2 resampling, 14-15 are outside the box)."""
     cams = torch.zeros(1, 2, 16, 16)
     cams[0, 0, :, 0:4], cams[0, 0, :, 4:8], cams[0, 0, :, 8:12], cams[0, 1, :, 12:16] = 0.9, 0.5, 0.1, 0.8
     lab = refine_cams_with_bkg(PAR(num_iter=0), torch.rand(1, 3, 16, 16), cams, torch.tensor([[1., 1.]]),

@@ -1,6 +1,8 @@
-"""DSKD (METHOD.md b): L_sim, L_PUNC and the student EMA (g.7 items 32-34), the two stages of the method, every
-b.10 / c.7 switch through one training step, exact resume of the method's extra state, and 3-iteration runs of the
-`dskd` and `dskd_gc` presets on the synthetic set (also through the papermill training notebook)."""
+"""DSKD (Bai et al., Journal of Image and Graphics 2025): L_sim (-1 for a student equal to the flipped teacher), L_PUNC
+(0 on an empty region, the entropy of q for equal logits) and the student EMA (momentum 0.996 rising to 1), the two
+stages of the method, every switch of its ambiguities and of GC's through one training step, exact resume of the
+method's extra state, and 3-iteration runs of the `dskd` and `dskd_gc` presets on the synthetic set (also through the
+papermill training notebook)."""
 import json, math, subprocess, sys
 from pathlib import Path
 

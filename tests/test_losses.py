@@ -66,7 +66,8 @@ def test_ptc_closed_forms():
 
 
 def test_ptc_seeded_golden():
-    # METHOD.md g.3 item 17 (depends on torch's CPU RNG stream; regenerate if the pinned torch changes)
+    # ToCo's get_masked_ptc_loss (model/losses.py) on seeded inputs: the value its code gives (depends on torch's CPU
+    # RNG stream; regenerate if the pinned torch changes)
     torch.manual_seed(0)
     f = torch.randn(2, 16, 4, 4)
     l = torch.randint(0, 3, (2, 4, 4))
@@ -176,7 +177,8 @@ def test_crop_from_roi_candidates_and_reproducibility():
 
 
 def test_crop_from_roi_toco_scale_and_fill_threshold():
-    # METHOD.md g.1 items 4-5: a 448 image, roi 2 in [100:300]^2, 1 in the ring [80:320]^2, 0 elsewhere
+    # ToCo's cam_to_roi_mask2 / crop_from_roi_neg (utils/camutils.py): a 448 image, roi 2 in [100:300]^2, 1 in the
+    # ring [80:320]^2, 0 elsewhere
     roi = torch.zeros(1, 448, 448, dtype=torch.long)
     roi[0, 80:320, 80:320] = 1
     roi[0, 100:300, 100:300] = 2
@@ -240,7 +242,7 @@ def test_ctc_matches_loop_reference_values_and_gradients():
 
 
 def test_ctc_seeded_golden_and_no_negative_case():
-    # METHOD.md g.3 item 19 (depends on torch's CPU RNG stream)
+    # ToCo's CTCLoss_neg (model/losses.py) on seeded inputs: the value its code gives (depends on torch's CPU RNG stream)
     torch.manual_seed(0)
     s, t = torch.randn(20, 16) * 0.3, torch.randn(4, 16) * 0.3
     flags = torch.tensor([[1, 1, 1, 0, 1, 1, 1, 0, 1, 1], [1, 1, 1, 1, 1, 0, 1, 1, 1, 1]])
@@ -302,7 +304,7 @@ def test_seg_loss_ignores_custom_index():
 
 # --- metrics --------------------------------------------------------------------------------------------------
 def test_confusion_matrix_hand_example():
-    # METHOD.md g.5 item 27
+    # ToCo's evaluate.scores (utils/evaluate.py) by hand: pAcc 5/7, mAcc 5/9, IoU [0.75, 0.5, 0], mIoU 5/12
     gts = [np.array([[0, 1], [2, 255]]), np.array([[1, 1], [0, 0]])]
     preds = [np.array([[0, 1], [1, 0]]), np.array([[1, 0], [0, 0]])]
     hist = sum(confusion_matrix(g, p, 3) for g, p in zip(gts, preds))

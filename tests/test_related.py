@@ -1,7 +1,8 @@
-"""The related mechanisms BMP, PSS and AMR (RELATED.md 1-3) as switchable components of the ToCo and SynerNet methods:
-the sanity checks of RELATED.md 1.4, 2.4 and 3.4, switched-off mechanisms leave the host's run bit-identical, every
-preset trains end to end with its named losses in the metric lines and its label maps in the summary, and a run with
-all three mechanisms resumes exactly. Tiny settings throughout (batch 2, 2-4 iterations, the demo encoder)."""
+"""The related mechanisms BMP (Zhu et al., TNNLS 2024), PSS (arXiv 2112.05351) and AMR (Qin et al., AAAI 2022) as
+switchable components of the ToCo and SynerNet methods: the sanity check of each (notebooks 18_bmp, 19_pss, 20_amr),
+switched-off mechanisms leave the host's run bit-identical, every preset trains end to end with its named losses in
+the metric lines and its label maps in the summary, and a run with all three mechanisms resumes exactly. Tiny
+settings throughout (batch 2, 2-4 iterations, the demo encoder)."""
 import json
 
 import pytest

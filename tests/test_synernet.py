@@ -1,5 +1,7 @@
-"""SynerNet (METHOD.md d.2-d.3): g.7 items 37-39, the B-CAM attention invariants, the routing of the cross pseudo-labels,
-and short end-to-end runs of both presets on the synthetic set (tiny settings)."""
+"""SynerNet (Wang et al., Neural Networks 2026; the authors' DEFormer code, `spacial-bce` branch): the spatial BCE's
+per-image threshold and its positive tokens, the confidence matrix and the fusion (identical votes adopt one
+prediction; the fixed 0.3 / 0.7 fusion of the authors' inference script), the B-CAM attention invariants, the routing
+of the cross pseudo-labels, and short end-to-end runs of both presets on the synthetic set (tiny settings)."""
 import json, math
 
 import numpy as np

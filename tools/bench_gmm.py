@@ -2,7 +2,7 @@
 
 The workload of GC on one training batch at paper scale: 8 images of 448 x 448 label confidences (8 x 200,704 values,
 bimodal), a 2-component fit per image and the noise posterior of every pixel. Two settings:
-  - subsampled: each fit uses 16,384 uniformly drawn values (METHOD.md c.3); posteriors on all 200,704;
+  - subsampled: each fit uses 16,384 uniformly drawn values (gc_n_fit, as synernet.gc fits); posteriors on all 200,704;
   - full: each fit uses all 200,704 values.
 scikit-learn gets exactly the same data (the same subsample) and the same initial weights / means / precisions, so
 both run the same EM; its time includes its k-means initialisation, which it runs even when the initial parameters are
