@@ -43,6 +43,10 @@ config_keys("learner",
     dist_timeout=(600.0, "seconds a process waits for the others in a collective operation before it stops "
                   "(the process-group timeout; a dead or hung process is then named)",
                   dict(check=lambda v: v > 0, check_msg="must be > 0")),
+    inactive_losses=("skip", "a loss whose phase weight is 0 now: 'skip' (not computed; its parameters get no "
+                     "gradient), 'log' (computed and logged only; one process), 'zero_grad' (computed and added "
+                     "times 0, so its parameters get zero gradients and AdamW's decay and momentum still move them, "
+                     "as ToCo's script does)", dict(choices=("skip", "log", "zero_grad"))),
 )
 
 # %% ../nbs/09_learner.ipynb #56517fb5
@@ -108,6 +112,13 @@ class Method:
     def net(self, name: str) -> torch.nn.Module:
         "The module `name` without its DDP wrapper (for no-grad passes such as CAM inference)."
         return unwrap(self.modules[name])
+
+    #: set to a dict to make the training step keep its intermediate tensors there (`record`); None records nothing
+    trace: dict | None = None
+    def record(self, **tensors):
+        "Keep detached copies of a step's intermediates while tracing (`method.trace = {}`): replays and figures read them."
+        if self.trace is not None:
+            self.trace.update({k: v.detach().clone() if torch.is_tensor(v) else v for k, v in tensors.items()})
 
 # %% ../nbs/09_learner.ipynb #dec12249
 class CheckpointError(RuntimeError):
@@ -414,7 +425,8 @@ def train_iteration(method: Method, optims: list, batch: dict, n: int, grad_clip
     weights = method.loss_weights(n)
     with autocast():
         losses = method.training_step(batch, n, weights)
-    total = sum(weights.get(k, 0.0) * v for k, v in losses.items() if weights.get(k, 0.0) != 0)
+    zero_grad = getattr(method.cfg, "inactive_losses", "skip") == "zero_grad"
+    total = sum(weights.get(k, 0.0) * v for k, v in losses.items() if weights.get(k, 0.0) != 0 or zero_grad)
     if not torch.is_tensor(total):
         raise RuntimeError(f"iteration {n}: no loss has a non-zero weight (weights {weights})")
     check_finite(losses, weights, total, n, last_ckpt)      # NonFiniteLoss names the iteration and the loss
@@ -449,6 +461,9 @@ class Learner:
         self.run, self.device, self.log = start_run(cfg)
         self.log.info(f"phases (first iteration of each loss; max_iters {cfg.max_iters}): {format_phases(self.phases)}")
         self.rank, self.world = init_distributed(self.device, cfg.dist_timeout)
+        if cfg.inactive_losses == "log" and self.world > 1:
+            raise ConfigError("inactive_losses='log' computes losses whose outputs take no part in the total, which "
+                              "a distributed (DDP) run cannot do: use 'zero_grad' or 'skip', or run in one process")
         if info is None or train_loader is None or val_loader is None:
             info = info or data.dataset_info(cfg)
             train_loader = train_loader or data.make_train_loader(cfg, self.rank, self.world)
