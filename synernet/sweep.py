@@ -83,7 +83,7 @@ def _ablation_cells() -> list[Cell]:
     for name, label, over in SYNERNET_STEPS:
         acc = {} if over is None else {**acc, **over}
         cells.append(Cell(f"synernet_{name}", label, "synernet", dict(acc), group="SynerNet"))
-    from synernet.train import import_methods           # the related mechanisms, on each host (RELATED.md)
+    from synernet.train import import_methods           # the related mechanisms BMP, PSS, AMR (notebooks 18-20)
     import_methods()
     for host, pre in (("ToCo", ""), ("SynerNet", "synernet_")):
         for m in ("bmp", "pss", "amr"):
