@@ -25,7 +25,8 @@ def one(preset: str, scale: str, iters: int, warmup: int, batch: int | None) -> 
     with tempfile.TemporaryDirectory() as d:
         kw = dict(preset=preset, dataset="synthetic", scale=scale, out_dir=d, max_iters=iters + warmup, log_every=1,
                   eval_every=0, ckpt_every=0, final_eval="none", progress=False, seg_start=0,
-                  seg_loss_nan_guard=True)   # random weights from step 0: ToCo's unguarded loss may be NaN (same cost)
+                  seg_loss_nan_guard=True,   # random weights from step 0: ToCo's unguarded loss may be NaN (same cost)
+                  allow_silent_losses="all")   # a few timed steps: later phases (DSKD's PUNC, SynerNet's BCE) never start
         if scale == "paper": kw.update(pretrained=False, batch_size=batch or 2, crop_size=448)
         elif batch: kw.update(batch_size=batch)
         cfg = build_config(**kw)
