@@ -24,7 +24,7 @@ _nonneg = dict(check=lambda v: v >= 0, check_msg="must be >= 0")
 _pos = dict(check=lambda v: v > 0, check_msg="must be > 0")
 _unit = dict(check=lambda v: 0 <= v <= 1, check_msg="must be in [0, 1]")
 config_keys("pss",
-    pss=(False, "PSS (RELATED.md 2): SupportNet, regional contrast (RCM) and multi-scale attentive CAM loss (MAM)"),
+    pss=(False, "PSS (arXiv 2112.05351): SupportNet, regional contrast (RCM) and multi-scale attentive CAM loss (MAM)"),
     pss_support=("ema", "SupportNet: 'ema' (EMA copy of encoders + classifiers) or 'self' (the host's own multi-scale "
                  "CAM and detached features)", dict(choices=("ema", "self"))),
     pss_ema_m=(0.999, "EMA momentum of the SupportNet", _unit),
@@ -246,7 +246,8 @@ class PSS(Mechanism):
         if "seen" in state: self.seen.copy_(state["seen"].to(self.seen.device))
 
 # %% ../nbs/19_pss.ipynb #4400d537
-register_preset("pss", "ToCo + PSS (RELATED.md 2): EMA SupportNet, regional contrast and multi-scale attentive CAM loss",
+register_preset("pss", "ToCo + PSS (arXiv 2112.05351): EMA SupportNet, regional contrast and multi-scale attentive "
+                "CAM loss",
                 parent="toco", all=dict(pss=True), demo=dict(pss_ema_m=0.99))
-register_preset("synernet_pss", "SynerNet + PSS (RELATED.md 2) on both branches", parent="synernet",
+register_preset("synernet_pss", "SynerNet + PSS on both branches", parent="synernet",
                 all=dict(pss=True), demo=dict(pss_ema_m=0.99))
