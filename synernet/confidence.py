@@ -27,10 +27,10 @@ config_keys("synernet",
     conf_layers=((7, 10, 11, 12), "1-based encoder blocks of the prototype votes (negative = from the end)",
                  dict(check=_layers_ok, check_msg="non-zero block numbers (1-based, or negative from the end)")),
     fusion=("fixed", "fused prediction: 'fixed' (fusion_weights on the logits, the authors' inference), 'mean' "
-            "(mean of the probabilities) or 'confidence' (METHOD d.3.5)", dict(choices=("fixed", "mean", "confidence"))),
+            "(mean of the probabilities) or 'confidence' (the paper's confidence-guided fusion)", dict(choices=("fixed", "mean", "confidence"))),
     fusion_weights=((0.3, 0.7), "(w_B, w_P): fixed fusion w_B * logits_B + w_P * logits_P",
                     dict(check=lambda v: len(v) == 2, check_msg="two weights (branch B, branch P)")),
-    fusion_in_training=(False, "also train both decoders on the confidence-fused label of reliable pixels (d.3.5)"),
+    fusion_in_training=(False, "also train both decoders on the confidence-fused label of reliable pixels"),
 )
 
 # %% ../nbs/15_confidence.ipynb #4c7de124
@@ -134,7 +134,7 @@ def confidence_matrix(votes: torch.Tensor, hw, tie_vote: int = -1) -> Confidence
 
 # %% ../nbs/15_confidence.ipynb #98f8fbcd
 def fuse_probs(q_broad: torch.Tensor, q_prec: torch.Tensor, conf: ConfidenceMap) -> torch.Tensor:
-    "Confidence-guided fusion of probabilities [B,K,H,W] (METHOD d.3.5); `conf` is resized to their size."
+    "Confidence-guided fusion of probabilities [B,K,H,W] (SynerNet's fusion); `conf` is resized to their size."
     conf = conf.resize(q_broad.shape[-2:])
     adopt = torch.where((conf.consensus != 0)[:, None], q_broad, q_prec)
     w = conf.fg_support[:, None].to(q_broad.dtype)

@@ -64,7 +64,7 @@ def _pair(lo=0.0, hi=float("inf"), ordered=True):
 config_keys("data",
     crop_size=(448, "training crop side in pixels", dict(check=lambda v: v >= 8, check_msg="must be >= 8")),
     scale_range=((0.5, 2.0), "ToCo random scaling range (min, max)", _pair()),
-    train_aug=("toco", "training views: 'toco' (scale, flip, padded crop, colour views; METHOD a.1) or 'dskd' "
+    train_aug=("toco", "training views: 'toco' (scale, flip, padded crop, colour views, as ToCo's) or 'dskd' "
                "(RandomResizedCrop; b.8)", dict(choices=("toco", "dskd"))),
     ctc_views=(True, "ToCo views: also build the two extra views for class-token contrast (`crops`)"),
     toco_compat_double_flip=(True, "quirk q1: independent flips of the main and local views, img_box not mirrored "
@@ -87,7 +87,7 @@ config_keys("data",
     synthetic_seed=(0, "seed of the synthetic data set", dict(check=lambda v: v >= 0, check_msg="must be >= 0")),
     synthetic_n_train=(1000, "synthetic training images", dict(check=lambda v: v > 0, check_msg="must be > 0")),
     synthetic_n_val=(200, "synthetic validation images", dict(check=lambda v: v > 0, check_msg="must be > 0")),
-    val_resize=(448, "validation during training resizes images to this square size (METHOD a.13; 0 = no resize)",
+    val_resize=(448, "validation during training resizes images to this square size (ToCo's validate(); 0 = no resize)",
                 dict(check=lambda v: v >= 0, check_msg="must be >= 0")),
 )
 extend_preset("base", demo=dict(crop_size=96, val_resize=96, scale_range=(0.6, 1.2), blur_radius=(0.1, 0.5)),

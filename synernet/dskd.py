@@ -131,7 +131,7 @@ class DSKDTeacher(nn.Module):
     def __init__(self, num_classes: int, cfg=None, **overrides):
         super().__init__()
         self.net = ToCoNet(num_classes, cfg, **overrides)
-        del self.net.proj_head_t                           # CTC is removed (b.2)
+        del self.net.proj_head_t                           # CTC is removed (the paper uses none)
         self.tok_head = nn.Linear(self.net.backbone.embed_dim, num_classes)
 
     @property
@@ -301,7 +301,7 @@ class DSKDMethod(Method):
         training generator, part of the checkpoint)."""
         c = self.cfg
         gc = c.gc_enable if gc is None else gc
-        Y = toco_method.ToCoMethod.pseudo_labels(self, img, cam, y, box)      # ToCo's PAR refinement (a.6)
+        Y = toco_method.ToCoMethod.pseudo_labels(self, img, cam, y, box)      # ToCo's PAR refinement (refine_cams_with_bkg_v2)
         if not gc: return Y, None, None
         H, W = img.shape[-2:]
         gbox = box if box is not None else torch.tensor([[0, H, 0, W]] * img.shape[0], device=img.device)

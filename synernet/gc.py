@@ -60,7 +60,7 @@ def gc_kwargs(cfg) -> dict:
 # %% ../nbs/12_gc.ipynb #62440046
 def label_confidence(Y: torch.Tensor, V: torch.Tensor, m: torch.Tensor | None = None, mode: str = "label",
                      ignore_index: int = 255) -> torch.Tensor:
-    "Per-pixel confidence `[B,H,W]` of labels `Y` `[B,H,W]` under the valid CAM `V` `[B,C,H,W]` (c.2, R2 or R1)."
+    "Per-pixel confidence `[B,H,W]` of labels `Y` `[B,H,W]` under the valid CAM `V` `[B,C,H,W]` (reading R2 or R1 above)."
     if V.ndim != 4 or Y.shape != (V.shape[0], *V.shape[2:]):
         raise ValueError(f"label_confidence: Y must be [B,H,W] and V [B,C,H,W] at the same size, got "
                          f"{tuple(Y.shape)} and {tuple(V.shape)}")
@@ -266,7 +266,7 @@ def pixel_similarity(feat: torch.Tensor, size, inside: torch.Tensor, stride: int
 # %% ../nbs/12_gc.ipynb #89740fe6
 def correct_labels(Y: torch.Tensor, Gn: torch.Tensor, S: torch.Tensor, s: int, region: torch.Tensor, tau,
                    th_high: float = 0.85, th_low: float = 0.25, box=None, ignore_index: int = 255) -> tuple[torch.Tensor, dict]:
-    """The GC rule table (c.5) on labels `Y` `[B,H,W]` with noise posterior `Gn` `[B,H,W]`, pixel-level neighbour
+    """The GC rule table (above) on labels `Y` `[B,H,W]` with noise posterior `Gn` `[B,H,W]`, pixel-level neighbour
     similarities `S` `[B,4,H,W]` (+inf = no neighbour) at stride `s`, `region` `[B,H,W]` (pixels allowed to change),
     `tau` (float or `[B]`) and the crop `box` `[B,4]` that neighbour labels are clamped to (None = the image).
     Returns (new labels, dict of the boolean masks Rh, Ru, edge, to_bg, to_ignore, copied)."""

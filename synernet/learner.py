@@ -581,7 +581,7 @@ class Learner:
 
     @torch.no_grad()
     def validate(self, max_images: int | None = None) -> dict:
-        "Validation as in ToCo (a.13): every named label map of the method against the ground truth; mIoU in %."
+        "Validation as in ToCo's validate(): every named label map of the method against the ground truth; mIoU in %."
         cfg = self.cfg
         self._set_train(False)
         confs, n_img = {}, 0
@@ -610,7 +610,7 @@ class Learner:
 
     @torch.no_grad()
     def final_eval(self) -> dict:
-        "Multi-scale + flip inference at the original resolution, then DenseCRF (a.14); mIoU in %."
+        "Multi-scale + flip inference at the original resolution, then DenseCRF (ToCo's infer_seg_voc.py); mIoU in %."
         cfg = self.cfg
         self._set_train(False)
         conf_ms = Confusion(self.info.num_classes + 1, device=self.device)

@@ -50,7 +50,7 @@ def random_fliplr(a: np.ndarray, rng: np.random.Generator, p: float = 0.5):
     return (hflip(a) if f else a), f
 
 def random_crop(img: np.ndarray, crop_size: int, rng: np.random.Generator, pad_value: int = 0):
-    "Padded random crop (METHOD a.1). Returns (crop uint8 [S,S,C], img_box int64 [4], half-open rows/cols)."
+    "Padded random crop (ToCo's). Returns (crop uint8 [S,S,C], img_box int64 [4], half-open rows/cols)."
     h, w = img.shape[:2]
     H, W = max(crop_size, h), max(crop_size, w)
     canvas = np.full((H, W) + img.shape[2:], pad_value, dtype=img.dtype)
@@ -125,7 +125,7 @@ def random_resized_crop(img: Image.Image, size: int, scale, ratio, rng, resample
 
 # %% ../nbs/01b_transforms.ipynb #b356cba6
 class ToCoTrainView:
-    "ToCo's training views: scaling, flip, padded crop with img_box, then the colour views (METHOD a.1)."
+    "ToCo's training views: scaling, flip, padded crop with img_box, then the colour views (ToCo's datasets/voc.py)."
     def __init__(self, crop_size=448, scale_range=(0.5, 2.0), ctc_views=True, compat_double_flip=True,
                  main_blur_p=1.0, global2_scale=(0.4, 1.0), jitter_p=0.8, gray_p=0.2, local_blur_p=0.5,
                  global2_blur_p=0.1, solarize_p=0.2, blur_radius=(0.1, 2.0), hue=0.1):

@@ -109,7 +109,7 @@ def test_cam_to_label_matches_loop(ignore_mid, thr):
                                   cam_to_label_loop(cam, y, [[0, 9, 0, 11]] * 3, thr[0], 1, 0, False))
 
 
-# g.1 item 3: tokens kept for a constant CAM of 0.9 on the 28x28 grid
+# the token counts of ToCo's cam_to_label for four boxes: tokens kept for a constant CAM of 0.9 on the 28x28 grid
 TOKEN_TABLE = [([0, 448, 0, 448], 784, 784), ([10, 300, 0, 448], 504, 504), ([40, 300, 0, 448], 0, 448),
                ([0, 448, 100, 400], 0, 532)]
 

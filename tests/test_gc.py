@@ -130,7 +130,7 @@ def test_em_subsample_matches_sklearn_on_the_same_subset():
 
 
 def test_item35_synthetic_mixture():
-    "g.7 item 35: 0.6 N(0.2, 0.05^2) + 0.4 N(0.8, 0.05^2), n = 20k; degenerate input skipped."
+    "A known mixture, 0.6 N(0.2, 0.05^2) + 0.4 N(0.8, 0.05^2), n = 20k, is recovered; degenerate input skipped."
     for seed in range(5):
         g = torch.Generator().manual_seed(seed)
         z = torch.rand(1, 20000, generator=g) < 0.6
@@ -241,7 +241,7 @@ def test_correct_labels_against_loop(abs_cos, tau):
 
 
 def test_item36_hand_built_example():
-    "g.7 item 36 on a 2x2-token grid (stride 16, 32x32 pixels)."
+    "The rules on a hand-built 2x2-token grid (stride 16, 32x32 pixels)."
     unit = lambda a: torch.tensor([math.cos(a), math.sin(a), 0.0])
     t00, t01, t10 = unit(0.0), unit(math.acos(0.1)), unit(-math.acos(0.9))
     t11 = unit(-math.acos(0.9) + math.acos(0.95))

@@ -208,7 +208,7 @@ def test_crop_from_roi_bad_input():
 
 # --- CTC ------------------------------------------------------------------------------------------------------
 def _ctc_loop(student, teacher, flags, temp):
-    "a.8 step 5, one image at a time, in the exp/ratio form."
+    "ToCo's CTCLoss_neg (model/losses.py), one image at a time, in the exp/ratio form."
     B, V = flags.shape
     total = 0.0
     for i in range(B):

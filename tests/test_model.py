@@ -1,4 +1,5 @@
-"""Backbone, ToCo network, parameter groups and lr schedules (METHOD a.2, a.8 step 4, a.12, a.17 q6/q8, g.4, g.5).
+"""Backbone, ToCo network, parameter groups and lr schedules (ToCo's model/model_seg_neg.py,
+model/backbone/vit.py, the EMA projection head of forward_proj, utils/optimizer.py; quirks q6/q8).
 
 Fast tests use the demo encoder or a 12-block tiny ViT at small inputs; the paper-scale test (ViT-B/16 at 448) is
 marked slow: run it with `pytest -m slow tests/test_model.py`.
@@ -237,7 +238,7 @@ def test_forward_shapes_and_gmp_before_linear_map():
     np.testing.assert_allclose(o.cls_logits.numpy(), f.reshape(2, 192, -1).max(-1) @ W.T, atol=1e-5)
     np.testing.assert_allclose(o.cls_aux_logits.numpy(), fa.reshape(2, 192, -1).max(-1) @ Wa.T, atol=1e-5)
     cam_peak = np.einsum("cd,bdn->bcn", W, f.reshape(2, 192, -1)).max(-1)
-    assert np.abs(o.cls_logits.numpy() - cam_peak).max() > 1e-2     # g.4 item 24: GMP is not the CAM's max
+    assert np.abs(o.cls_logits.numpy() - cam_peak).max() > 1e-2     # GMP precedes the linear map: not the CAM's max
     # aux tokens: pre-LN output of block -3 (= 3 of 6), not the final LN tokens
     torch.testing.assert_close(o.aux_feat, to2d(o.backbone.block(3), o.backbone.hw))
     torch.testing.assert_close(o.feat, o.backbone.feat())
@@ -375,10 +376,10 @@ def test_schedules_as_pure_functions():
         cos = (1 - (1 - tt / w) * (1 - r)) if tt < w else 0.5 * (1 + np.cos(np.pi * (tt - w) / (T - w)))
         assert poly_warmup_factor(t, w, T, r, pw) == pytest.approx(poly, rel=1e-14)
         assert cosine_warmup_factor(t, w, T, r) == pytest.approx(cos, rel=1e-12, abs=1e-15)
-    # g.5 item 25: group-0 lr after n step() calls
+    # ToCo's PolyWarmupAdamW: group-0 lr after n step() calls
     for n, v in [(1, 6.0e-11), (200, 7.960052e-06), (1501, 5.593438e-05), (10000, 3.215610e-05), (20000, 8.076520e-09)]:
         assert 6e-5 * poly_warmup_factor(n - 1, w, T, r, pw) == pytest.approx(v, rel=1e-6)
-    # g.5 item 26: cosine after warm-up is lr0 * (0.5 + 0.5 cos(pi (t - w) / (T - w)))
+    # the cosine schedule (ToCo's CosWarmupAdamW, fixed for NumPy >= 1.24): after warm-up is lr0 * (0.5 + 0.5 cos(pi (t - w) / (T - w)))
     assert cosine_warmup_factor(w, w, T, r) == 1.0
     assert cosine_warmup_factor((w + T) // 2, w, T, r) == pytest.approx(0.5 + 0.5 * math.cos(math.pi * 9250 / 18500))
 

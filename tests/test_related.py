@@ -74,8 +74,8 @@ def test_switched_off_is_the_host(preset, host, off, tmp_path):
 
 
 @pytest.mark.parametrize("host,neutral", [
-    ("toco", dict(bmp=True, w_bmp_s2c=0.0, bmp_gate_decoder=False, bmp_bsp=False)),          # RELATED 1.4
-    ("toco", dict(pss=True, pss_support="self", w_pss_rcm=0.0, w_pss_mam=0.0)),               # RELATED 2.4
+    ("toco", dict(bmp=True, w_bmp_s2c=0.0, bmp_gate_decoder=False, bmp_bsp=False)),          # BMP's sanity check
+    ("toco", dict(pss=True, pss_support="self", w_pss_rcm=0.0, w_pss_mam=0.0)),               # PSS's sanity check
     ("synernet", dict(bmp=True, w_bmp_s2c=0.0, bmp_gate_decoder=False, bmp_bsp=False, **SYN)),
 ])
 def test_neutral_settings_are_the_host(host, neutral, tmp_path):
@@ -87,7 +87,7 @@ def test_neutral_settings_are_the_host(host, neutral, tmp_path):
     _same_state(_state(a), _state(b))
 
 
-# ---------------------------------------------------------------- BMP (RELATED 1.4)
+# ---------------------------------------------------------------- BMP's sanity check
 def test_bmp_s2c_gradients_reach_classifier_and_encoder_not_decoder():
     torch.manual_seed(0)
     net = ToCoNet(3, make_config("base"))
@@ -149,7 +149,7 @@ def test_bsp_replaces_the_targets_after_its_start(monkeypatch):
     assert not torch.equal(seen[1], host[1])
 
 
-# ---------------------------------------------------------------- PSS (RELATED 2.4)
+# ---------------------------------------------------------------- PSS's sanity check
 @pytest.mark.parametrize("preset,extra", [("pss", dict(pss_rcm_bank=True, pss_mam_scale_attn=True)),
                                           ("synernet_pss", dict(SYN)),
                                           ("pss", dict(pss_support="self", pss_mam_one_sided=True))])
@@ -176,7 +176,7 @@ def test_pss_end_to_end(preset, extra, tmp_path):
     assert 0 < drift < 0.05
 
 
-# ---------------------------------------------------------------- AMR (RELATED 3.4)
+# ---------------------------------------------------------------- AMR's sanity check
 @pytest.mark.parametrize("depth", [0, 2])
 def test_amr_identity_gates_track_the_spotlight(depth):
     torch.manual_seed(0)

@@ -19,7 +19,7 @@ from synernet.learner import Learner
 from synernet.data import dataset_info
 
 
-# ---------------------------------------------------------------- g.7 item 37: spatial-BCE thresholds
+# ---------------------------------------------------- spatial-BCE thresholds (the authors' get_per_pic_thre)
 def _phi_loop(roi, labels, u):
     "per_image_thresholds written as the spec reads, with Python loops over pixels."
     out = np.zeros(labels.shape)
@@ -60,7 +60,7 @@ def test_sbce_roi_and_loss_sets():
     assert abs(loss.item() - ref.item()) < 1e-6
 
 
-# ---------------------------------------------------------------- g.7 item 38: confidence matrix and fusion
+# ---------------------------------------------------------------- confidence matrix and fusion
 def test_confidence_identical_votes_g7_38():
     torch.manual_seed(0)
     K, hw = 5, (3, 4)
@@ -93,7 +93,7 @@ def test_prototype_votes_follow_features():
     assert v[0, 0].tolist() == [0] * 6 + [4] * 6 and torch.equal(v[0, 0], v[0, 1])
 
 
-# ---------------------------------------------------------------- g.7 item 39: fixed fusion
+# ------------------------------------------ fixed fusion (the authors' Dcrf-voc-infer-du_head.py)
 def test_fixed_fusion_reproduces_du_head_inference_g7_39():
     torch.manual_seed(0)
     W1, W2 = torch.randn(4, 3), torch.randn(4, 3)
