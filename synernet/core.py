@@ -12,11 +12,12 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['CONFIG_KEYS', 'DATASETS', 'SCALES', 'PRESETS', 'PROBE_HOOKS', 'RESUME_IGNORED', 'ConfigError', 'Key', 'config_key',
-           'config_keys', 'Preset', 'register_preset', 'extend_preset', 'resolve_layers', 'Config', 'make_config',
-           'SilentPhaseError', 'schedule_probe', 'loss_phases', 'check_phases', 'format_phases', 'phase_table',
-           'phase_table_markdown', 'parse_cli', 'seed_everything', 'rng_states', 'set_rng_states', 'dist_info',
-           'get_device', 'get_logger', 'git_commit', 'env_record', 'default_out_dir', 'RunDir', 'start_run', 'main']
+__all__ = ['CONFIG_KEYS', 'DATASETS', 'SCALES', 'PRESETS', 'PROBE_HOOKS', 'RUN_FACTS', 'RESUME_IGNORED', 'ConfigError', 'Key',
+           'config_key', 'config_keys', 'Preset', 'register_preset', 'extend_preset', 'resolve_layers', 'Config',
+           'make_config', 'SilentPhaseError', 'schedule_probe', 'loss_phases', 'check_phases', 'format_phases',
+           'phase_table', 'phase_table_markdown', 'parse_cli', 'seed_everything', 'rng_states', 'set_rng_states',
+           'dist_info', 'get_device', 'get_logger', 'git_commit', 'env_record', 'run_facts', 'default_out_dir',
+           'RunDir', 'start_run', 'main']
 
 # %% ../nbs/00_core.ipynb #753146b5
 class ConfigError(ValueError):
@@ -538,6 +539,15 @@ def env_record(device=None) -> dict:
                    gpu_count=torch.cuda.device_count())
     return rec
 
+#: functions cfg -> dict of facts about a run's inputs (registered by components); in env.json and summary.json
+RUN_FACTS: list = []
+
+def run_facts(cfg) -> dict:
+    "What the registered `RUN_FACTS` functions state about `cfg`'s run."
+    out = {}
+    for fn in RUN_FACTS: out.update(fn(cfg))
+    return out
+
 # %% ../nbs/00_core.ipynb #38305d04
 # keys that do not change what is trained: a run may continue with other values of them
 RESUME_IGNORED = ("device", "num_workers", "log_level", "out_dir", "allow_silent_losses")
@@ -571,7 +581,7 @@ class RunDir:
         "Append this start's environment record to env.json."
         f = self.path / "env.json"
         starts = json.loads(f.read_text())["starts"] if f.exists() else []
-        rec = env_record(device); starts.append(rec)
+        rec = {**env_record(device), **run_facts(self.cfg)}; starts.append(rec)
         if self.write: _atomic_write(f, json.dumps(dict(starts=starts), indent=2, default=str))
         return rec
 
@@ -596,8 +606,10 @@ class RunDir:
         keep = [json.dumps(m) for m in self.read_metrics() if m["step"] <= step]
         _atomic_write(self.metrics_file, "".join(l + "\n" for l in keep))
 
-    def write_summary(self, summary: dict): 
-        if self.write: _atomic_write(self.path / "summary.json", json.dumps(summary, indent=2, default=_jsonable))
+    def write_summary(self, summary: dict):
+        "Write summary.json: `summary` and the run's `run_facts`."
+        if self.write: _atomic_write(self.path / "summary.json", json.dumps({**summary, **run_facts(self.cfg)}, indent=2,
+                                                                            default=_jsonable))
     def read_summary(self) -> dict | None:
         f = self.path / "summary.json"
         return json.loads(f.read_text()) if f.exists() else None
