@@ -97,7 +97,8 @@ def per_image_thresholds(roi: torch.Tensor, cls_label: torch.Tensor, u: float = 
 
 def sbce_targets(logits: torch.Tensor, cls_label: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
     "Token targets T [B,C,N] (bool): for image-label classes, the tokens whose logit reaches the round(phi*N)-th largest."
-    z = logits.detach().flatten(2).float()
+    z = logits.detach().flatten(2)
+    z = z.to(torch.promote_types(z.dtype, torch.float32))
     N = z.shape[-1]
     srt = z.sort(dim=-1, descending=True).values
     idx = torch.round(phi.to(z.device).float() * N).long().clamp(0, N - 1)
@@ -110,8 +111,9 @@ def spatial_bce_loss(logits: torch.Tensor, cls_label: torch.Tensor, phi: torch.T
     if logits.ndim != 4 or phi.shape != logits.shape[:2]:
         raise ValueError(f"logits must be [B,C,h,w] and phi [B,C], got {tuple(logits.shape)} and {tuple(phi.shape)}")
     T = sbce_targets(logits, cls_label, phi)
-    z = logits.flatten(2).float()
-    bce = F.binary_cross_entropy_with_logits(z, T.float(), reduction="none")   # [B,C,N]
+    z = logits.flatten(2)
+    z = z.to(torch.promote_types(z.dtype, torch.float32))              # float64 stays float64 (a replay's precision)
+    bce = F.binary_cross_entropy_with_logits(z, T.to(z.dtype), reduction="none")   # [B,C,N]
     pos = T.any(1)                                                              # [B,N]
     C = z.shape[1]
     def term(mask):
@@ -148,14 +150,16 @@ def decoder_targets(y_b: torch.Tensor, y_p: torch.Tensor, cross: bool = True) ->
     return dict(b=y_p, p=y_b) if cross else dict(b=y_b, p=y_p)
 
 # %% ../nbs/14_branches.ipynb #be4fbbe4
-def class_token_sim_loss(t1: torch.Tensor, t2: torch.Tensor) -> torch.Tensor:
-    "[1 - |mean cos(sg(t1), t2)|] + [1 - |mean cos(sg(t2), t1)|] for class tokens [B,D]."
+def class_token_sim_loss(t1: torch.Tensor, t2: torch.Tensor, terms: bool = False):
+    """[1 - |mean cos(sg(t2), t1)|] + [1 - |mean cos(sg(t1), t2)|] for class tokens [B,D]; with `terms`, the two
+    terms apart: (t1's, whose gradient reaches only t1; t2's). Computed in the tokens' precision (at least float32)."""
     if t1.shape != t2.shape or t1.ndim != 2: raise ValueError(f"class tokens must both be [B,D], got "
                                                              f"{tuple(t1.shape)} and {tuple(t2.shape)}")
-    t1, t2 = t1.float(), t2.float()
-    a = F.cosine_similarity(t1.detach(), t2, dim=-1).mean().abs()
-    b = F.cosine_similarity(t2.detach(), t1, dim=-1).mean().abs()
-    return (1 - a) + (1 - b)
+    dt = torch.promote_types(t1.dtype, torch.float32)
+    t1, t2 = t1.to(dt), t2.to(dt)
+    s1 = 1 - F.cosine_similarity(t2.detach(), t1, dim=-1).mean().abs()
+    s2 = 1 - F.cosine_similarity(t1.detach(), t2, dim=-1).mean().abs()
+    return (s1, s2) if terms else s1 + s2
 
 # %% ../nbs/14_branches.ipynb #7b02cf23
 def instance_images(x: torch.Tensor, label: torch.Tensor, cls_label: torch.Tensor,

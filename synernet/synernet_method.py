@@ -26,7 +26,7 @@ from .confidence import (resolve_layers, layer_features, anchor_labels, anchor_f
                                  cam_votes, confidence_matrix, fuse_logits, fusion_labels)
 
 # %% auto #0
-__all__ = ['SynerNet', 'synernet_forward', 'SynerNetMethod']
+__all__ = ['SYNERNET_CODE_COMPAT', 'SynerNet', 'deformer_name', 'load_deformer_state_dict', 'synernet_forward', 'SynerNetMethod']
 
 # %% ../nbs/16_synernet.ipynb #5f75eda0
 _nonneg = dict(check=lambda v: v >= 0, check_msg="must be >= 0")
@@ -109,6 +109,47 @@ class SynerNet(nn.Module):
         return lr_param_groups(self, encoders=enc, heads=heads + (["necks"] if self.necks is not None else []),
                                decoders=["b.decoder", "p.decoder"], exclude=["b.proj_head_t", "p.proj_head_t"],
                                lr=lr, head_lr_mult=head_lr_mult, weight_decay=weight_decay)
+
+# %% ../nbs/16_synernet.ipynb #5a1c7e21
+_DEF_BRANCH = {"branch1": "b", "branch2": "p"}
+_DEF_ENCODER = ("patch_embed.", "blocks.", "norm.")
+_DEF_HEADS = ("classifier.", "aux_classifier.", "decoder.")
+_DEF_UNUSED = ("head.", "Fmap_proj_head.", "crop_classifier.", "fmap_fusion.")
+
+def deformer_name(theirs: str) -> str | None:
+    "The name here of the authors' du_head parameter `theirs` (`branch1.*` / `branch2.*`); None for an unused one."
+    n = theirs[len("module."):] if theirs.startswith("module.") else theirs
+    branch, _, rest = n.partition(".")
+    if branch not in _DEF_BRANCH or not rest:
+        raise KeyError(f"{theirs!r} is not a parameter of the authors' dual-branch network (branch1.* or branch2.*)")
+    k = _DEF_BRANCH[branch]
+    if rest == "pos_embed_pat" or rest.startswith(_DEF_UNUSED): return None
+    if rest in ("cls_token", "pos_embed") or rest.startswith(_DEF_ENCODER): return f"{k}.backbone.{rest}"
+    if rest.startswith(_DEF_HEADS): return f"{k}.{rest}"
+    raise KeyError(f"{theirs!r}: no counterpart of {rest!r} in a SynerNet branch (see the name map)")
+
+def load_deformer_state_dict(net: SynerNet, sd: dict) -> list[str]:
+    "Load a state dict named as the authors' du_head code names it into `net`; returns the skipped (unused) names."
+    if net.shared: raise ValueError("the authors' network has two independent encoders; build SynerNet with "
+                                    "shared_encoder=False to load it")
+    if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict): sd = sd["model"]
+    mine = net.state_dict()
+    mapped, skipped = {}, []
+    for k, v in sd.items():
+        n = deformer_name(k)
+        if n is None: skipped.append(k); continue
+        if n not in mine: raise KeyError(f"parameter {k!r} (here {n!r}) has no counterpart in this network (a qkv "
+                                         "bias? build it with def_compat_qkv=True)")
+        if tuple(v.shape) != tuple(mine[n].shape):
+            raise ValueError(f"parameter {k!r} has shape {tuple(v.shape)}, this network's {n!r} has "
+                             f"{tuple(mine[n].shape)}: build the network at the checkpoint's sizes (vit_*, decoder_dim)")
+        mapped[n] = torch.as_tensor(v)
+    own = (".proj_head.", ".proj_head_t.")      # this network's CTC heads: not in the authors' network, kept as they are
+    missing = sorted(k for k in set(mine) - set(mapped) if not any(s in k for s in own))
+    if missing: raise KeyError(f"the state dict lacks {missing[:6]}{' ...' if len(missing) > 6 else ''} (qkv biases? "
+                               "they exist here unless def_compat_qkv=True)")
+    net.load_state_dict({**mine, **mapped})
+    return skipped
 
 # %% ../nbs/16_synernet.ipynb #ef37be7c
 def synernet_forward(model: SynerNet, x, with_seg: bool = True, tokens: bool = False, sbce: bool = False,
@@ -209,16 +250,22 @@ class SynerNetMethod(Method):
 
     def training_step(self, batch, n, w):
         c, x, y, box = self.cfg, batch["img"], batch["cls_label"], batch["img_box"]
+        if c.inactive_losses != "skip":   # compute every switched-on loss, also one whose phase has not begun (learner)
+            late = self.loss_weights(max(n, c.seg_start, c.sbce_start, c.proto_start, c.contrast_start))
+            early = [k for k in self.loss_names if k != "proto" and late.get(k)]     # proto would move its banks
+            w = {k: v if v or k not in early else 1.0 for k, v in w.items()}
         S = Step(self, x, y, box, n, w) if self.mechs else None
         need_cam = any(w[k] for k in ("ptc_b", "ptc_p", "seg_b", "seg_p", "sbce", "proto", "seg_fuse"))
         need_cam = need_cam or (S is not None and S.need_ms)
         if need_cam:
             M_b, A_b, M_p, A_p = S.ms_pass(x, c.cam_scales) if S else multi_scale_cam(self.cam_fn, x, c.cam_scales)
             if S: S.cams = dict(b=M_b, p=M_p)
+            self.record(cam_b=M_b, cam_aux_b=A_b, cam_p=M_p, cam_aux_p=A_p)
         need_seg = bool(w["seg_b"] or w["seg_p"] or w["seg_fuse"])
         if need_seg:
             lc = S.label_cams(dict(b=M_b, p=M_p)) if S else dict(b=M_b, p=M_p)
             Y_B, Y_P = self.pseudo_labels(x, lc["b"], lc["p"], y, box)
+            self.record(seg_labels_b=Y_B, seg_labels_p=Y_P)
         inst = icls = None
         if w["proto"]:
             mixed = refine_cams_with_bkg(self.par, denormalize(x), valid_cam(0.5 * (M_b + M_p), y), y, box,
@@ -231,6 +278,11 @@ class SynerNetMethod(Method):
         if S is None: res = self.modules["net"](synernet_forward, *fwd)
         else: res, ext = self.modules["net"](mech_forward, S, synernet_forward, *fwd)
         ob, op = res["b"], res["p"]
+        for k, o in (("b", ob), ("p", op)):
+            self.record(**{f"cls_logits_{k}": o.cls_logits, f"cls_aux_logits_{k}": o.cls_aux_logits, f"feat_{k}": o.feat})
+            if o.seg is not None: self.record(**{f"seg_logits_{k}": o.seg})
+        if "tok" in res: self.record(cls_token_b=res["tok"][0], cls_token_p=res["tok"][1])
+        if "z_p" in res: self.record(cam_logits_p=res["z_p"])
         L = dict(cls_b=cls_loss(ob.cls_logits, y), cls_p=cls_loss(op.cls_logits, y),
                  aux_b=cls_loss(ob.cls_aux_logits, y), aux_p=cls_loss(op.cls_aux_logits, y))
         for k, o, A in (("b", ob, A_b if need_cam else None), ("p", op, A_p if need_cam else None)):
@@ -238,7 +290,11 @@ class SynerNetMethod(Method):
                 tl = token_labels(A, y, box, self.patch, o.feat.shape[-2:], c.ptc_box_mode, c.bkg_thre, c.high_thre,
                                   c.low_thre)
                 L[f"ptc_{k}"] = ptc_loss(o.feat, tl)
-        if w["csim"]: L["csim"] = class_token_sim_loss(*res["tok"])
+                self.record(**{f"token_labels_{k}": tl})
+        if w["csim"]:
+            terms = class_token_sim_loss(*res["tok"], terms=True)      # (B's term, P's term); the loss is their sum
+            L["csim"] = terms[0] + terms[1]
+            self.record(csim_b=terms[0], csim_p=terms[1])
         up = lambda t: F.interpolate(t, size=x.shape[-2:], mode="bilinear", align_corners=False)
         if w["seg_b"] or w["seg_p"]:
             T = decoder_targets(Y_B, Y_P, c.cross_supervision)
@@ -246,8 +302,10 @@ class SynerNetMethod(Method):
             for k, o in (("b", ob), ("p", op)):
                 L[f"seg_{k}"] = (S.c2s_loss(seg_loss) if S else seg_loss)(up(o.seg), T[k], nan_guard=c.seg_loss_nan_guard)
         if w["sbce"]:
-            phi = per_image_thresholds(sbce_roi(A_p, y, c.high_thre, c.low_thre), y, c.sbce_u)
+            roi = sbce_roi(A_p, y, c.high_thre, c.low_thre)
+            phi = per_image_thresholds(roi, y, c.sbce_u)
             L["sbce"], tgt = spatial_bce_loss(res["z_p"], y, phi, c.sbce_pos_weight, return_targets=True)
+            self.record(sbce_roi=roi, sbce_phi=phi, sbce_targets=tgt)
             self._diag["sbce_pos_frac"] = float(tgt.any(1).float().mean())
         if w["proto"]:
             L["proto"] = sum(proto_contrast_loss(res["proj"][i], icls[i], self.banks[i], c.proto_temp,
@@ -358,4 +416,12 @@ register_preset("synernet", "SynerNet-paper (METHOD d.3, h.5): B-CAM attention, 
     parent="synernet_code",
     all=dict(bcam_attn_prop=True, bcam_attn_layers=4, bcam_power=2, bcam_ignore_band="fg", pcam_ignore_band="bg",
              conf_mode="proto", fusion="confidence", fusion_in_training=False, infer_flip=True),
+)
+
+# %% ../nbs/16_synernet.ipynb #5a1c7e23
+#: The compatibility mode of `synernet_code`: the config values that reproduce the authors' du_head step where the
+#: preset's defaults deliberately fix one of their quirks (see "Compatibility mode" above).
+SYNERNET_CODE_COMPAT = dict(
+    def_compat_qkv=True,          # q6: no qkv bias, LayerNorm eps 1e-5 (the code's ViT class defaults)
+    inactive_losses="zero_grad",  # the 0 x seg term before the segmentation phase (decoders decayed, moments moved)
 )
