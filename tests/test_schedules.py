@@ -25,7 +25,15 @@ from synernet.sweep import method_presets
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 PRESETS = method_presets()          # imports every method module; a new preset is covered by itself
-PAPERMILL_NOTEBOOKS = ("train", "evaluate", "ablation", "tables")
+
+
+def _papermill_notebooks() -> list[str]:
+    "Every notebook with a cell tagged `parameters`: a new papermill notebook is covered by itself."
+    return [p.stem for p in sorted((REPO / "nbs").glob("*.ipynb"))
+            if any("parameters" in c["metadata"].get("tags", []) for c in json.loads(p.read_text())["cells"])]
+
+
+PAPERMILL_NOTEBOOKS = _papermill_notebooks()
 # pycocotools 2.x with NumPy 2 warns inside its own decode(); nothing to do about it here
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
@@ -193,6 +201,10 @@ def _assigned_names(nb_path: Path) -> list[str]:
     tree = ast.parse("".join(cell["source"]))
     return [n.target.id if isinstance(n, ast.AnnAssign) else n.targets[0].id
             for n in tree.body if isinstance(n, (ast.Assign, ast.AnnAssign))]
+
+
+def test_the_papermill_notebooks_are_found():
+    assert {"train", "evaluate", "ablation", "tables"} <= set(PAPERMILL_NOTEBOOKS)
 
 
 @pytest.mark.parametrize("name", PAPERMILL_NOTEBOOKS)
