@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import fixture_dir
+from _parity import assert_close as _close, assert_labels as _labels, load_family
 import synernet.synernet_method  # noqa: F401  (registers the method and the presets)
 from synernet.branches import per_image_thresholds, sbce_roi, spatial_bce_loss
 from synernet.cam import token_labels
@@ -120,28 +120,7 @@ def _close_num(got, want, what):
         f"the preset's {what} is {got!r}, the authors' recipe {float(want)!r}"
 
 
-def load_family():
-    path = fixture_dir(FAMILY) / f"{FAMILY}.npz"
-    if not path.exists():
-        pytest.fail(f"fixture family {FAMILY!r} is missing: {path} (set SYNERNET_FIXTURES_ROOT to a folder holding "
-                    f"{FAMILY}/)")
-    d = np.load(path)
-    steps = [str(n) for n in d["case_names"]] if "case_names" in d.files else []
-    funcs = [str(n) for n in d["function_case_names"]] if "function_case_names" in d.files else []
-    cases = {n: {} for n in steps + funcs}
-    glob = {}
-    for k in d.files:
-        if k in ("case_names", "function_case_names"):
-            continue
-        head, _, rest = k.partition("__")
-        if head in cases:
-            cases[head][rest] = d[k]
-        else:
-            glob[k] = d[k]
-    return {n: cases[n] for n in steps}, {n: cases[n] for n in funcs}, glob
-
-
-STEPS, FUNCS, GLOB = load_family()
+(STEPS, FUNCS), GLOB = load_family(FAMILY, ("case_names", "function_case_names"))
 HP = {k[len("hp__"):]: v for k, v in GLOB.items() if k.startswith("hp__")}
 
 
@@ -188,29 +167,6 @@ def build(dtype, preset=PRESET, extra=None, check=True, compat=True, weights=Tru
     if "num_classes" in HP:
         assert net.b.decoder.conv8.out_channels == int(HP["num_classes"])
     return cfg, method
-
-
-def _close(got, want, what, atol=0.0, rtol=0.0):
-    got = got.detach().double().cpu().numpy() if torch.is_tensor(got) else np.asarray(got, np.float64)
-    want = np.asarray(want, np.float64)
-    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
-    err = np.abs(got - want) - (atol + rtol * np.abs(want))
-    if (err > 0).any():
-        k = np.unravel_index(np.argmax(err), got.shape)
-        raise AssertionError(f"{what}: at {k} got {got[k]!r}, want {want[k]!r} (atol {atol:g}, rtol {rtol:g}; "
-                             f"{int((err > 0).sum())} of {err.size} outside)")
-
-
-def _labels(got, want, what, frac, fragile=None):
-    "Integer maps: exact, except a fraction `frac` of the entries, and the `fragile` ones (float32 at a threshold)."
-    got = got.detach().cpu().numpy().astype(np.int64) if torch.is_tensor(got) else np.asarray(got, np.int64)
-    want = np.asarray(want).astype(np.int64)
-    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
-    bad = got != want
-    if fragile is not None:
-        bad &= ~fragile
-    assert bad.mean() <= frac, f"{what}: {int(bad.sum())} of {bad.size} entries differ (first at " \
-                               f"{np.argwhere(bad)[0].tolist()}: got {got[bad][0]}, want {want[bad][0]})"
 
 
 # ------------------------------------------------------------------------------------------------ function cases

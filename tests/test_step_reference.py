@@ -18,9 +18,8 @@ import types
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-from conftest import fixture_dir
+from _parity import assert_close as _close, assert_labels as _labels, load_family
 import synernet.toco_method  # noqa: F401  (registers the method and the preset)
 import synernet.dskd  # noqa: F401  (the DSKD presets built on the same step)
 from synernet.core import make_config
@@ -68,26 +67,7 @@ TOL = {
 }
 
 
-def load_family():
-    path = fixture_dir(FAMILY) / f"{FAMILY}.npz"
-    if not path.exists():
-        pytest.fail(f"fixture family {FAMILY!r} is missing: {path} (set SYNERNET_FIXTURES_ROOT to a folder holding "
-                    f"{FAMILY}/)")
-    d = np.load(path)
-    names = [str(n) for n in d["case_names"]]
-    cases, glob = {n: {} for n in names}, {}
-    for k in d.files:
-        if k == "case_names":
-            continue
-        head, _, rest = k.partition("__")
-        if head in cases:
-            cases[head][rest] = d[k]
-        else:
-            glob[k] = d[k]
-    return cases, glob
-
-
-CASES, GLOB = load_family()
+(CASES,), GLOB = load_family(FAMILY)
 
 
 def config_from_fixture(glob):
@@ -132,26 +112,6 @@ def build(glob, dtype):
 def _ours(toco):
     n = toco_name(toco)
     return n
-
-
-def _close(got, want, what, atol=0.0, rtol=0.0):
-    got = got.detach().double().cpu().numpy() if torch.is_tensor(got) else np.asarray(got, np.float64)
-    want = np.asarray(want, np.float64)
-    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
-    err = np.abs(got - want) - (atol + rtol * np.abs(want))
-    if (err > 0).any():
-        k = np.unravel_index(np.argmax(err), got.shape)
-        raise AssertionError(f"{what}: at {k} got {got[k]!r}, want {want[k]!r} (atol {atol:g}, rtol {rtol:g}; "
-                             f"{int((err > 0).sum())} of {err.size} outside)")
-
-
-def _labels(got, want, what, frac):
-    got = got.detach().cpu().numpy().astype(np.int64) if torch.is_tensor(got) else np.asarray(got, np.int64)
-    want = np.asarray(want).astype(np.int64)
-    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
-    bad = got != want
-    assert bad.mean() <= frac, f"{what}: {int(bad.sum())} of {bad.size} entries differ (first at " \
-                               f"{np.argwhere(bad)[0].tolist()}: got {got[bad][0]}, want {want[bad][0]})"
 
 
 def replay(name, case, dtype):
@@ -389,7 +349,7 @@ def test_cam_reuse_changes_no_loss_or_gradient(name):
         losses, _, total = train_iteration(method, optims, batch, int(case["n_iter"]), on_backward=lambda m: grads.update(
             {k: p.grad.clone() for k, p in m.core.named_parameters() if p.grad is not None}))
         res[reuse] = losses, total, grads, method.trace
-    (l1, t1, g1, tr1), (l0, t0, g0, tr0) = res[True], res[False]
+    (l1, _, g1, tr1), (l0, _, g0, tr0) = res[True], res[False]
     assert set(l1) == set(l0) and set(g1) == set(g0)
     for k in l1:
         _close(l1[k], l0[k].detach().numpy(), f"{name}/{k}", rtol=1e-4)
