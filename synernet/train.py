@@ -15,9 +15,9 @@ from .core import (CONFIG_KEYS, RESUME_IGNORED, Config, ConfigError, default_out
 
 # %% auto #0
 __all__ = ['MECHANISM_MODULES', 'USAGE', 'import_methods', 'split_nproc', 'torchrun_cmd', 'to_argv', 'build_config', 'train',
-           'run_dir_of', 'launch', 'user_errors', 'run_failures', 'cli', 'main', 'run_training', 'checkpoint_path',
-           'export_weights', 'load_weights', 'parse_export_args', 'load_learner', 'evaluate_run', 'read_metrics',
-           'plot_losses', 'metric_tables', 'val_label_maps', 'show_predictions']
+           'run_dir_of', 'launch', 'user_errors', 'run_failures', 'cli', 'main', 'papermill_params', 'run_training',
+           'checkpoint_path', 'export_weights', 'load_weights', 'parse_export_args', 'load_learner', 'evaluate_run',
+           'read_metrics', 'plot_losses', 'metric_tables', 'val_label_maps', 'show_predictions']
 
 # %% ../nbs/11_train.ipynb #aad9cd12
 MECHANISM_MODULES = ("bmp", "pss", "amr")
@@ -138,6 +138,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}" + ("" if debug else "  (--debug shows the traceback)"), file=sys.stderr)
         return 2 if isinstance(e, user_errors()) else 1
 
+def papermill_params(names: dict, before: set, documented: set) -> dict:
+    """The config keys given to a papermill notebook with `-p` besides its documented parameters. `names` is the
+    notebook's `globals()` after the parameters, `before` the names defined before its parameters cell. Papermill only
+    warns about a parameter that is not in the parameters cell, so a misspelt one (`-p max_iter 3`) would be dropped
+    silently: a name that is neither documented nor a config key is refused here, with the closest valid names."""
+    import difflib
+    import_methods()                                       # every method's keys are config keys
+    new = {k: v for k, v in names.items() if k not in before and not k.startswith("_")}
+    unknown = sorted(k for k in new if k not in documented and k not in CONFIG_KEYS)
+    if unknown:
+        valid = sorted(documented | set(CONFIG_KEYS))
+        close = {k: difflib.get_close_matches(k, valid, 3) for k in unknown}
+        hints = "; ".join(f"{k!r}: did you mean {', '.join(map(repr, m))}?" if m else f"{k!r}: no close match"
+                          for k, m in close.items())
+        raise ConfigError(f"Unknown parameter{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
+                          f"({hints}). "
+                          f"Parameters are the notebook's documented ones ({', '.join(sorted(documented))}) and the "
+                          "config keys (`python -m synernet.train --help` lists them).")
+    return {k: v for k, v in new.items() if k in CONFIG_KEYS and k not in documented}
+
 def run_training(nproc: int = 1, **params) -> dict:
     "Train with config `params` (None = preset value) in `nproc` processes; returns the run's summary."
     cfg = build_config(**params)
@@ -150,7 +170,7 @@ def run_training(nproc: int = 1, **params) -> dict:
 
 # %% ../nbs/11_train.ipynb #d342a947
 def checkpoint_path(run_dir, checkpoint: str = "final.pt") -> Path:
-    "A checkpoint of a run: a file name in `run_dir/checkpoints`, or a path (absolute, or relative to the current folder)."
+    "A checkpoint of a run: a file name in `run_dir/checkpoints`, or a path (absolute, or relative to the working dir)."
     c = Path(checkpoint).expanduser()
     ck = c if (c.is_absolute() or len(c.parts) > 1) else Path(run_dir) / "checkpoints" / c
     if not ck.is_file():
@@ -174,12 +194,14 @@ def export_weights(run_dir, checkpoint: str = "final.pt", out=None) -> Path:
     from synernet.learner import read_weights, verify_checkpoint, CheckpointError, _sidecar
     run_dir = Path(run_dir)
     ck = checkpoint_path(run_dir, checkpoint)
-    if _sidecar(ck).is_file() and (problem := verify_checkpoint(ck)): raise CheckpointError(f"Checkpoint {ck}: {problem}.")
+    if _sidecar(ck).is_file() and (problem := verify_checkpoint(ck)):
+        raise CheckpointError(f"Checkpoint {ck}: {problem}.")
     st = read_weights(ck)
     tensors = {}
     for m, sd in st["modules"].items():
         for k, v in sd.items():
-            if not torch.is_tensor(v): raise CheckpointError(f"{ck}: module {m!r} entry {k!r} is not a tensor ({type(v).__name__}).")
+            if not torch.is_tensor(v):
+                raise CheckpointError(f"{ck}: module {m!r} entry {k!r} is not a tensor ({type(v).__name__}).")
             tensors[f"{m}.{k}"] = v.detach().cpu().contiguous().clone()
     cfg_file = run_dir / "config.json"
     meta = dict(format="synernet-weights", iter=str(int(st["iter"])), modules=json.dumps(sorted(st["modules"])),
@@ -201,7 +223,8 @@ def load_weights(path, method) -> dict:
                                          "another method?")
         try: unwrap(mod).load_state_dict(sd)
         except RuntimeError as e:
-            raise CheckpointError(f"Weights file {path} does not fit module {m!r}: {str(e).splitlines()[0]} ...") from None
+            raise CheckpointError(f"Weights file {path} does not fit module {m!r}: {str(e).splitlines()[0]} ...") \
+                from None
     return dict(iter=int(meta.get("iter", -1)))
 
 def parse_export_args(argv: list[str]) -> dict:

@@ -86,13 +86,17 @@ def test_cli_corrupt_image_names_the_file(tmp_path):
     assert "Traceback" not in r.stderr
 
 
-def test_papermill_bad_parameter_value(tmp_path):
-    "A bad value passed to the training notebook with -p stops it before training, with the config's message."
+@pytest.mark.parametrize("param,value,expect", [
+    ("preset", "tocoo", "Unknown preset 'tocoo'. Did you mean 'toco'?"),
+    ("max_iter", "3", "Unknown parameter 'max_iter' ('max_iter': did you mean 'max_iters'"),
+])
+def test_papermill_bad_parameter(tmp_path, param, value, expect):
+    "A bad value or a misspelt name passed to the training notebook with -p stops it before training, with a message."
     r = subprocess.run([PY, "-m", "papermill", str(Path(__file__).resolve().parents[1] / "nbs" / "train.ipynb"),
-                        str(tmp_path / "out.ipynb"), "--no-progress-bar", "-k", "python3", "-p", "preset", "tocoo",
+                        str(tmp_path / "out.ipynb"), "--no-progress-bar", "-k", "python3", "-p", param, value,
                         "-p", "out_dir", str(tmp_path / "r")], capture_output=True, text=True, env=ENV, timeout=300,
                        cwd=tmp_path)
-    assert r.returncode != 0 and "Unknown preset 'tocoo'. Did you mean 'toco'?" in r.stdout + r.stderr
+    assert r.returncode != 0 and expect in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]
     assert not (tmp_path / "r").exists()
 
 
