@@ -20,7 +20,8 @@ from .losses import cls_loss, ptc_loss, seg_loss
 from .toco import ToCoNet, lr_param_groups, WarmupLR
 from .learner import Method, register_method, unwrap, Forward
 from . import toco_method  # noqa: F401  (the loss weights w_cls, w_aux, w_ptc, w_seg and seg_start)
-from .gc import gaussian_correction, gc_kwargs, GC_DIAG
+from .gc import gaussian_correction, gc_kwargs, GC_DIAG, GC_READINGS
+from .metrics import location_counts, LOCATIONS
 
 # %% auto #0
 __all__ = ['flip_tokens', 'sim_loss', 'punc_loss', 'punc_roi', 'ema_momentum', 'ema_update', 'DSKDTeacher', 'DSKDStudent',
@@ -303,16 +304,24 @@ class DSKDMethod(Method):
         gc = c.gc_enable if gc is None else gc
         Y = toco_method.ToCoMethod.pseudo_labels(self, img, cam, y, box)      # ToCo's PAR refinement (refine_cams_with_bkg_v2)
         if not gc: return Y, None, None
+        Yc, d = self.gc_labels(img, y, box, cam, feat, Y, generator)
+        return Y, Yc, d
+
+    @torch.no_grad()
+    def gc_labels(self, img, y, box, cam, feat, Y, generator=None, confidence: str | None = None,
+                  return_maps: bool = False):
+        "(GC-corrected label, GC diagnostics) of the pseudo-label `Y`; `confidence` overrides `gc_confidence`."
+        c = self.cfg
         H, W = img.shape[-2:]
         gbox = box if box is not None else torch.tensor([[0, H, 0, W]] * img.shape[0], device=img.device)
-        kw = dict(gc_kwargs(c), generator=self.gen if generator is None else generator)
+        kw = dict(gc_kwargs(c), generator=self.gen if generator is None else generator, return_maps=return_maps)
+        if confidence is not None: kw["confidence"] = confidence
         if c.gc_apply == "after_par":
-            Yc, d = gaussian_correction(Y, cam, y, feat, gbox, **kw)
-        else:                                   # G8: GC on the thresholded CAM label; its changes override PAR
-            raw = cam_to_label(cam, y, gbox, c.bkg_thre, c.high_thre, c.low_thre, ignore_mid=True)[1]
-            rc, d = gaussian_correction(raw, cam, y, feat, gbox, **kw)
-            Yc = torch.where(rc != raw, rc, Y)
-        return Y, Yc, d
+            return gaussian_correction(Y, cam, y, feat, gbox, **kw)
+        # G8: GC on the thresholded CAM label; its changes override PAR
+        raw = cam_to_label(cam, y, gbox, c.bkg_thre, c.high_thre, c.low_thre, ignore_mid=True)[1]
+        rc, d = gaussian_correction(raw, cam, y, feat, gbox, **kw)
+        return torch.where(rc != raw, rc, Y), d
 
     def _gc_feat(self, out, which_net: str):
         """Features of the GC neighbour test, detached, [B, D, h, w]: the teacher's per `gc_feat`; with student
@@ -394,34 +403,90 @@ class DSKDMethod(Method):
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def eval_outputs(self, img, cls_label, gc: bool | None = None) -> dict:
-        """What evaluation needs for images `img` (whole crop as the box): the CAMs, the teacher's decoder logits and
-        the pseudo-labels before (`Y`) and after GC (`Yc`, None without GC) with the GC diagnostics (`diag`). GC uses a
-        fixed generator, so validation neither consumes nor depends on the training one."""
+    def eval_outputs(self, img, cls_label, gc: bool | None = None, readings: tuple = ()) -> dict:
+        """What evaluation needs for images `img` (whole crop as the box): the CAMs (the student's too), the teacher's
+        decoder logits and the pseudo-labels before (`Y`) and after GC (`Yc`, None without GC) with the GC diagnostics
+        and maps (`diag`); `gc_by` = {reading: (label, diagnostics and maps)} for each confidence reading in `readings`
+        (the configured one included) when GC runs. GC uses a fixed generator, so validation neither consumes nor
+        depends on the training one."""
         c = self.cfg
         student = c.dskd_label_cam == "student_final"
-        cam, cam_aux, cam_s = self.label_cams(img, student)
+        cam, cam_aux, cam_s = self.label_cams(img, True)
         o = self.teacher.net(img)
         lc = dict(teacher_final=cam, teacher_aux=cam_aux, student_final=cam_s)[c.dskd_label_cam]
         feat = (self.pair.student.backbone(img).feat() if student else
                 self._gc_feat(dict(feat=o.feat, aux_feat=o.aux_feat), "teacher"))
-        Y, Yc, d = self.pseudo_labels(img, cls_label, None, lc, feat, gc=gc, generator=self._eval_gen())
-        return dict(cam=cam, cam_aux=cam_aux, cam_s=cam_s, seg=o.seg, Y=Y, Yc=Yc, diag=d)
+        Y, Yc, d = self.pseudo_labels(img, cls_label, None, lc, feat, gc=False)
+        by = {}
+        if (c.gc_enable if gc is None else gc):
+            for r in dict.fromkeys((c.gc_confidence, *readings)):
+                by[r] = self.gc_labels(img, cls_label, None, lc, feat, Y, self._eval_gen(), r, return_maps=True)
+            Yc, d = by[c.gc_confidence]
+        return dict(cam=cam, cam_aux=cam_aux, cam_s=cam_s, seg=o.seg, Y=Y, Yc=Yc, diag=d, gc_by=by)
+
+    def _gc_map(self, reading: str) -> str:
+        "Name of the validation map of GC under `reading`: `pseudo_label_gc` for the configured one."
+        return "pseudo_label_gc" if reading == self.cfg.gc_confidence else f"pseudo_label_gc_{reading}"
 
     @torch.no_grad()
     def eval_labels(self, img, cls_label, size):
-        "CAM, aux CAM, pseudo-label (and after GC), student CAM (if used) and single-scale segmentation label maps."
+        """CAM, aux CAM, student CAM, pseudo-label (and after GC under each confidence reading) and single-scale
+        segmentation label maps; the GC regions are kept for `eval_diagnostics`."""
         c = self.cfg
-        e = self.eval_outputs(img, cls_label)
+        e = self.eval_outputs(img, cls_label, readings=GC_READINGS)
         up = lambda t: F.interpolate(t, size=tuple(size), mode="bilinear", align_corners=False)
         near = lambda l: F.interpolate(l[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()
         out = dict(cam=(cam_to_label(up(e["cam"]), cls_label, bkg_thre=c.bkg_thre), False),
-                   aux_cam=(cam_to_label(up(e["cam_aux"]), cls_label, bkg_thre=c.bkg_thre), False))
-        if e["cam_s"] is not None: out["student_cam"] = (cam_to_label(up(e["cam_s"]), cls_label, bkg_thre=c.bkg_thre),
-                                                         False)
+                   aux_cam=(cam_to_label(up(e["cam_aux"]), cls_label, bkg_thre=c.bkg_thre), False),
+                   student_cam=(cam_to_label(up(e["cam_s"]), cls_label, bkg_thre=c.bkg_thre), False))
         out["pseudo_label"] = (near(e["Y"]), True)
-        if e["Yc"] is not None: out["pseudo_label_gc"] = (near(e["Yc"]), True)
+        keep = dict(Y=out["pseudo_label"][0], width=max(1, round(self.patch * size[-1] / img.shape[-1])), gc={})
+        for r, (Yr, dr) in e["gc_by"].items():
+            out[self._gc_map(r)] = (near(Yr), True)
+            keep["gc"][r] = dict(Y=out[self._gc_map(r)][0], Rh=near(dr["Rh"]).bool(), Ru=near(dr["Ru"]).bool(),
+                                 **{k: dr[k] * len(img) for k in ("gmm_mean_lo", "gmm_mean_hi", "gmm_weight_lo")})
         out["seg"] = (up(e["seg"]).argmax(1), False)
+        self._eval_keep = keep
+        return out
+
+    def eval_diagnostics(self, mask) -> dict:
+        """GC's regions against the truth, per confidence reading: pixels of R_h and R_u in background, boundary band
+        (one patch wide) and object interior, pixels GC changes, and the GMM's means and low weight (per image)."""
+        keep, out = getattr(self, "_eval_keep", None), {}
+        if not keep or not keep["gc"]: return out
+        valid = mask != 255
+        out["gc_valid"] = valid.sum().double()
+        out["gc_images"] = float(len(mask))
+        for r, g in keep["gc"].items():
+            for reg in ("Rh", "Ru"):
+                for loc, v in zip(LOCATIONS, location_counts(g[reg], mask, keep["width"])):
+                    out[f"gc_{r}_{reg.lower()}_{loc}"] = v
+            out[f"gc_{r}_changed"] = ((g["Y"] != keep["Y"]) & valid).sum().double()
+            out.update({f"gc_{r}_{k}": g[k] for k in ("gmm_mean_lo", "gmm_mean_hi", "gmm_weight_lo")})
+        return out
+
+    def diagnostic_scores(self, sums: dict, res: dict) -> dict:
+        """Per GC reading r: where R_h and R_u lie (`gc_r_rh_in_bg` ... fractions of each region; `gc_r_rh_frac` of all
+        valid pixels), the share of pixels GC changes, the GMM means and low weight, and GC's gain in pseudo-label mIoU
+        and background IoU (after minus before, on the pixels each labels). DSKD: teacher minus student CAM foreground
+        recall and precision (points)."""
+        out = {}
+        for k in ("fg_recall", "fg_precision"):
+            if f"cam_{k}" in res and f"student_cam_{k}" in res:
+                out[f"dskd_cam_{k}_teacher_minus_student"] = res[f"cam_{k}"] - res[f"student_cam_{k}"]
+        n, imgs = max(sums.get("gc_valid", 0.0), 1.0), max(sums.get("gc_images", 0.0), 1.0)
+        for r in GC_READINGS:
+            if f"gc_{r}_changed" not in sums: continue
+            for reg in ("rh", "ru"):
+                cnt = [sums[f"gc_{r}_{reg}_{loc}"] for loc in LOCATIONS]
+                out[f"gc_{r}_{reg}_frac"] = sum(cnt) / n
+                out.update({f"gc_{r}_{reg}_in_{loc}": v / max(sum(cnt), 1.0) for loc, v in zip(LOCATIONS, cnt)})
+            out[f"gc_{r}_changed_frac"] = sums[f"gc_{r}_changed"] / n
+            out.update({f"gc_{r}_{k}": sums[f"gc_{r}_{k}"] / imgs for k in ("gmm_mean_lo", "gmm_mean_hi", "gmm_weight_lo")})
+            m = self._gc_map(r)
+            for k in ("miou", "bg_iou"):
+                if f"{m}_{k}" in res and f"pseudo_label_{k}" in res:
+                    out[f"gc_{r}_{k}_gain"] = res[f"{m}_{k}"] - res[f"pseudo_label_{k}"]
         return out
 
     def seg_logits(self, img): return self.teacher.net(img).seg

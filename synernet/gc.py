@@ -13,18 +13,22 @@ from .core import config_keys
 from .cam import box_mask, valid_cam
 
 # %% auto #0
-__all__ = ['DIRS', 'GC_DIAG', 'gc_kwargs', 'label_confidence', 'GMMFit', 'subsample_valid', 'fit_gmm_batched', 'gmm_posterior',
-           'noise_posterior', 'neighbour_similarity', 'pixel_similarity', 'correct_labels', 'gaussian_correction']
+__all__ = ['GC_READINGS', 'DIRS', 'GC_DIAG', 'gc_kwargs', 'label_confidence', 'GMMFit', 'subsample_valid', 'fit_gmm_batched',
+           'gmm_posterior', 'noise_posterior', 'neighbour_similarity', 'pixel_similarity', 'correct_labels',
+           'gaussian_correction']
 
 # %% ../nbs/12_gc.ipynb #faf6fbe2
 _unit = dict(check=lambda v: 0.0 <= v <= 1.0, check_msg="must lie in [0, 1]")
 _pos = dict(check=lambda v: v > 0, check_msg="must be > 0")
 _nonneg = dict(check=lambda v: v >= 0, check_msg="must be >= 0")
 
+#: the readings of the paper's "per-pixel CAM confidence" (`gc_confidence`; see "Per-pixel confidence")
+GC_READINGS = ("label", "cam_max")
+
 config_keys("gc",
     gc_enable=(False, "apply Gaussian correction to the segmentation pseudo-labels (the dskd_gc preset turns it on)"),
     gc_confidence=("label", "G1: per-pixel confidence: 'label' = CAM confidence of the label currently assigned (R2), "
-                   "'cam_max' = max-class CAM value (R1, literal)", dict(choices=("label", "cam_max"))),
+                   "'cam_max' = max-class CAM value (R1, literal)", dict(choices=GC_READINGS)),
     gc_fit=("image", "G2: one GMM per image ('image') or one over all in-box pixels of the batch ('batch')",
             dict(choices=("image", "batch"))),
     gc_n_fit=(16384, "G2: fit each GMM on at most this many uniformly subsampled in-box values (0 = all)", _nonneg),

@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .core import (Config, ConfigError, config_keys, dist_info, rng_states, set_rng_states, start_run,
                            _atomic_write, check_phases, loss_phases, format_phases, default_out_dir)
-from .metrics import Confusion, scores
+from .metrics import Confusion, scores, fg_scores
 from . import data   # the data keys (crop size, views, val_resize) belong to every training config
 from .infer import ms_flip_logits, crf_from_config
 from .transforms import denormalize
@@ -108,6 +108,13 @@ class Method:
     def load_extra_state(self, state: dict): pass
     def log_extras(self) -> dict: return {}
     def summary_extras(self) -> dict: return {}
+    def eval_diagnostics(self, mask: torch.Tensor) -> dict:
+        """Counts (tensors or floats) of one validation batch, from the maps kept by the last `eval_labels` call and the
+        ground truth `mask` `[B,H,W]` (analysis only, never training). The learner sums them over batches and processes."""
+        return {}
+    def diagnostic_scores(self, sums: dict, res: dict) -> dict:
+        "Validation diagnostics (floats) from the summed counts of `eval_diagnostics` and the other results `res`."
+        return {}
 
     def net(self, name: str) -> torch.nn.Module:
         "The module `name` without its DDP wrapper (for no-grad passes such as CAM inference)."
@@ -502,6 +509,14 @@ class Learner:
         dist.all_reduce(t); t /= self.world
         return dict(zip(keys, t.tolist()))
 
+    def _reduce_sum(self, vals: dict) -> dict:
+        "Each value (a number or a 0-d tensor) summed over the processes; floats back."
+        keys = sorted(vals)
+        if not keys: return {}
+        t = torch.stack([torch.as_tensor(vals[k], dtype=torch.float64).to(self.device).reshape(()) for k in keys])
+        if self.world > 1: dist.all_reduce(t)
+        return dict(zip(keys, t.tolist()))
+
     def checkpoint(self, n: int, name: str = "latest.pt"):
         if self.rank == 0:
             save_checkpoint(self.run.ckpt_dir / name, n, self.method, self.optims, self.train_loader,
@@ -581,10 +596,12 @@ class Learner:
 
     @torch.no_grad()
     def validate(self, max_images: int | None = None) -> dict:
-        "Validation as in ToCo's validate(): every named label map of the method against the ground truth; mIoU in %."
+        """Validation as in ToCo's validate(): every named label map of the method against the ground truth (mIoU, per-class
+        IoU, foreground recall/precision, pixel accuracy, background IoU, in %; the labelled share of pseudo-labels),
+        plus the method's own diagnostics (`eval_diagnostics`, `diagnostic_scores`)."""
         cfg = self.cfg
         self._set_train(False)
-        confs, n_img = {}, 0
+        confs, n_img, sums, labelled = {}, 0, defaultdict(float), defaultdict(float)
         limit = cfg.eval_max_images if max_images is None else max_images
         for sample in self.val_loader:
             if limit and n_img >= limit: break
@@ -598,12 +615,20 @@ class Learner:
                 c = confs.setdefault(name, Confusion(self.info.num_classes + 1, drop_ignored_pred=pseudo,
                                                      device=self.device))
                 c.update(mask, lab)
+                if pseudo: labelled[name] += ((lab != 255) & (mask != 255)).sum()
+            for k, v in self.method.eval_diagnostics(mask).items(): sums[k] = sums[k] + v
+            labelled[""] += (mask != 255).sum()
             n_img += len(img)
         out = {}
         for name, c in confs.items():
-            s = c.all_reduce().scores()
+            h = c.all_reduce().counts
+            s = scores(h)
             out[f"{name}_miou"] = 100 * float(s["miou"])
             out[f"{name}_per_class"] = {self.info.class_names[i]: 100 * float(v) for i, v in enumerate(s["iou"])}
+            out.update({f"{name}_{k}": 100 * v for k, v in fg_scores(h).items()})
+        lab = self._reduce_sum(labelled)
+        out.update({f"{k}_labelled": 100 * v / max(lab[""], 1) for k, v in lab.items() if k})
+        out.update(self.method.diagnostic_scores(self._reduce_sum(sums), out))
         msg = ", ".join(f"{k} {v:.2f}" for k, v in out.items() if not isinstance(v, dict))
         self.log.info(f"validation ({n_img} images per process): {msg}")
         return out

@@ -9,9 +9,11 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['confusion_matrix', 'scores', 'Confusion', 'pseudo_scores', 'multilabel_f1', 'per_class_table']
+__all__ = ['LOCATIONS', 'confusion_matrix', 'scores', 'Confusion', 'pseudo_scores', 'fg_scores', 'boundary_band',
+           'location_counts', 'multilabel_f1', 'per_class_table']
 
 # %% ../nbs/06_metrics.ipynb #eb54afa7
 def _check_maps(g, p, keep, num_classes, ignore_index):
@@ -101,6 +103,35 @@ def pseudo_scores(gts, preds, num_classes: int, ignore_index: int = 255) -> dict
     c = Confusion(num_classes, ignore_index, drop_ignored_pred=True)
     for g, p in zip(gts, preds): c.update(g, p)
     return dict(scores(c.counts), hist=c.counts.cpu().numpy())
+
+# %% ../nbs/06_metrics.ipynb #a75b1c34
+def fg_scores(hist, background: int = 0) -> dict:
+    """Foreground recall, foreground precision, pixel accuracy and background IoU (fractions, NaN where 0/0) of a
+    confusion matrix `[K,K]` (rows = truth); a foreground pixel counts when it gets its own class."""
+    h = np.asarray(hist.detach().cpu() if isinstance(hist, torch.Tensor) else hist, dtype=np.float64)
+    fg = np.arange(len(h)) != background
+    tp, b = np.diag(h)[fg].sum(), h[background, background]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return dict(fg_recall=float(tp / h[fg].sum()), fg_precision=float(tp / h[:, fg].sum()),
+                    pixel_acc=float(np.trace(h) / h.sum()),
+                    bg_iou=float(b / (h[background].sum() + h[:, background].sum() - b)))
+
+LOCATIONS = ("bg", "band", "interior")
+
+def boundary_band(gt: torch.Tensor, width: int) -> torch.Tensor:
+    "[B,H,W] bool: pixels of `gt` `[B,H,W]` with another label (the ignore index included) within `width` pixels."
+    if width < 1: return torch.zeros(gt.shape, dtype=torch.bool, device=gt.device)
+    g, k = gt.float()[:, None], 2 * int(width) + 1
+    return (F.max_pool2d(g, k, 1, int(width)) != -F.max_pool2d(-g, k, 1, int(width)))[:, 0]
+
+def location_counts(region: torch.Tensor, gt: torch.Tensor, width: int, ignore_index: int = 255) -> torch.Tensor:
+    """Counts `[3]` (float64) of the pixels of `region` `[B,H,W]` in ground-truth background away from boundaries,
+    in the boundary band of `width` pixels, and in object interiors (`LOCATIONS`); ignored truth is left out."""
+    if region.shape != gt.shape: raise ValueError(f"location_counts: region {tuple(region.shape)} and gt "
+                                                  f"{tuple(gt.shape)} differ in shape")
+    r = region.bool() & (gt != ignore_index)
+    band = boundary_band(gt, width)
+    return torch.stack([(r & ~band & (gt == 0)).sum(), (r & band).sum(), (r & ~band & (gt != 0)).sum()]).double()
 
 # %% ../nbs/06_metrics.ipynb #14ddead6
 def multilabel_f1(logits, labels):

@@ -326,11 +326,12 @@ class SynerNetMethod(Method):
     def after_step(self, n: int): mech_after_step(self, n)
 
     @torch.no_grad()
-    def predict(self, img, out_size=None, mode: str | None = None) -> dict:
-        "Decoder logits of both branches (at `out_size` if given), their fusion (`mode`, default the config's) and the confidence map."
+    def predict(self, img, out_size=None, mode: str | None = None, with_conf: bool = False) -> dict:
+        """Decoder logits of both branches (at `out_size` if given), their fusion (`mode`, default the config's) and the
+        confidence map (also with another fusion when `with_conf`; `feats`: the layer features of its votes, or None)."""
         c, m = self.cfg, self.core
         mode = mode or c.fusion
-        need_conf = mode == "confidence"
+        need_conf = mode == "confidence" or with_conf
         extra = tuple(j for j in resolve_layers(c.conf_layers, self.depth) if j != self.depth - 1) \
             if need_conf and c.conf_mode == "proto" else ()
         attn = tuple(range(-c.bcam_attn_layers, 0)) if need_conf and c.conf_mode == "cam" and c.bcam_attn_prop else ()
@@ -338,13 +339,13 @@ class SynerNetMethod(Method):
         ob, op = m.branch_out("b", eb), m.branch_out("p", ep)
         l_b, l_p = ob.seg.float(), op.seg.float()
         broad = "p" if c.cross_supervision else "b"
-        conf = None
+        conf = feats = None
         if need_conf:
             hw = l_b.shape[-2:]
             if c.conf_mode == "proto":
                 lb_, lp_ = (l_p, l_b) if broad == "p" else (l_b, l_p)
-                votes = proto_votes(layer_features(eb, c.conf_layers) + layer_features(ep, c.conf_layers),
-                                    anchor_from_logits(lb_, lp_), self.info.num_classes + 1)
+                feats = layer_features(eb, c.conf_layers) + layer_features(ep, c.conf_layers)
+                votes = proto_votes(feats, anchor_from_logits(lb_, lp_), self.info.num_classes + 1)
             else:
                 cb = m.b.cam_logits(ob.feat)
                 if c.bcam_attn_prop: cb = bcam_logits(cb, [eb.attn[i] for i in sorted(eb.attn)], c.bcam_power)
@@ -356,13 +357,15 @@ class SynerNetMethod(Method):
         if out_size is not None:
             up = lambda t: F.interpolate(t, size=tuple(out_size), mode="bilinear", align_corners=False)
             l_b, l_p = up(l_b), up(l_p)
-        fused = fuse_logits(l_b, l_p, mode, conf, c.fusion_weights, broad)
+        fused = fuse_logits(l_b, l_p, mode, conf if mode == "confidence" else None, c.fusion_weights, broad)
         return dict(b=l_b, p=l_p, fused=fused, conf=conf.resize(l_b.shape[-2:]) if conf is not None else None,
-                    cls_b=ob.cls_logits, cls_p=op.cls_logits)
+                    cls_b=ob.cls_logits, cls_p=op.cls_logits, feats=feats, hw=tuple(ob.feat.shape[-2:]))
 
     @torch.no_grad()
     def eval_labels(self, img, cls_label, size):
-        "Per-branch CAMs, aux CAMs, pseudo-labels and decoders; the fused prediction; the summary's primary names."
+        """Per-branch CAMs, aux CAMs, pseudo-labels and decoders; the fused prediction; the fused pseudo-label (the
+        training-time fusion rule on reliable pixels); the summary's primary names. The confidence matrix is kept for
+        `eval_diagnostics`."""
         c = self.cfg
         S = Step(self, img, cls_label) if self.mechs else None
         M_b, A_b, M_p, A_p = S.ms_pass(img, c.cam_scales) if S else multi_scale_cam(self.cam_fn, img, c.cam_scales)
@@ -374,14 +377,58 @@ class SynerNetMethod(Method):
         if S: S.cams = dict(lc); lc = S.label_cams(lc)
         Y_B, Y_P = self.pseudo_labels(img, lc["b"], lc["p"], cls_label, None)
         out.update(b_pseudo_label=(near(Y_B), True), p_pseudo_label=(near(Y_P), True))
-        pr = self.predict(img, size)
+        pr = self.predict(img, size, with_conf=True)
         out.update(seg_b=(pr["b"].argmax(1), False), seg_p=(pr["p"].argmax(1), False), seg=(pr["fused"].argmax(1), False))
-        if pr["conf"] is not None:
+        if c.fusion == "confidence":
             out["seg_reliable"] = (torch.where(pr["conf"].reliable, out["seg"][0], 255), True)
+        if c.conf_mode == "proto":       # the training-time confidence: anchors where Y_B and Y_P agree
+            tconf = confidence_matrix(proto_votes(pr["feats"], anchor_labels(Y_B, Y_P, pr["hw"]),
+                                                  self.info.num_classes + 1), pr["hw"])
+        else:
+            tconf = confidence_matrix(cam_votes([A_b, M_b, A_p, M_p], cls_label, c.bkg_thre), img.shape[-2:])
+        out["fused_pseudo_label"] = (near(fusion_labels(Y_B, Y_P, tconf)), True)
+        self._eval_keep = dict(conf=pr["conf"], seg=out["seg"][0])
         # the names the learner's summary reads: B-CAM, its aux CAM, and the label that decoder P learns
         out.update(cam=out["b_cam"], aux_cam=out["b_aux_cam"],
                    pseudo_label=out["b_pseudo_label"] if c.cross_supervision else out["p_pseudo_label"])
         if S: out.update(S.eval_labels(size, lc))
+        return out
+
+    def eval_diagnostics(self, mask) -> dict:
+        """Pixel counts of the inference confidence matrix against the truth: reliable and uncertain pixels, and how
+        many of each the fused prediction and the layer consensus get right."""
+        keep = getattr(self, "_eval_keep", None)
+        if not keep or keep["conf"] is None: return {}
+        valid, conf = mask != 255, keep["conf"]
+        out = {}
+        for name, where in (("reliable", conf.reliable & valid), ("uncertain", ~conf.reliable & valid)):
+            out[f"conf_{name}_n"] = where.sum().double()
+            out[f"conf_{name}_seg_ok"] = (where & (keep["seg"] == mask)).sum().double()
+            out[f"conf_{name}_consensus_ok"] = (where & (conf.consensus == mask)).sum().double()
+        return out
+
+    def diagnostic_scores(self, sums: dict, res: dict) -> dict:
+        """Branches: B minus P foreground recall and P minus B foreground precision of the CAMs and pseudo-labels
+        (points); confidence matrix: share of reliable pixels and accuracy (%) of the fused prediction and the
+        consensus on reliable vs uncertain pixels; fusion: fused minus the better branch (decoders; pseudo-labels)."""
+        out = {}
+        for a, b in (("b_cam", "p_cam"), ("b_pseudo_label", "p_pseudo_label"), ("seg_b", "seg_p")):
+            if f"{a}_fg_recall" in res and f"{b}_fg_recall" in res:
+                out[f"{a}_fg_recall_b_minus_p"] = res[f"{a}_fg_recall"] - res[f"{b}_fg_recall"]
+                out[f"{a}_fg_precision_p_minus_b"] = res[f"{b}_fg_precision"] - res[f"{a}_fg_precision"]
+        if "conf_reliable_n" in sums:
+            n = sums["conf_reliable_n"] + sums["conf_uncertain_n"]
+            out["conf_reliable_frac"] = sums["conf_reliable_n"] / max(n, 1.0)
+            for name in ("reliable", "uncertain"):
+                for what in ("seg", "consensus"):
+                    out[f"conf_{name}_{what}_acc"] = (100 * sums[f"conf_{name}_{what}_ok"] / sums[f"conf_{name}_n"]
+                                                      if sums[f"conf_{name}_n"] else float("nan"))
+        best = lambda *ks: max(res[k] for k in ks)
+        if all(f"{k}_miou" in res for k in ("seg", "seg_b", "seg_p")):
+            out["fusion_seg_gain"] = res["seg_miou"] - best("seg_b_miou", "seg_p_miou")
+        if all(f"{k}_miou" in res for k in ("fused_pseudo_label", "b_pseudo_label", "p_pseudo_label")):
+            out["fusion_pseudo_label_gain"] = res["fused_pseudo_label_miou"] - best("b_pseudo_label_miou",
+                                                                                   "p_pseudo_label_miou")
         return out
 
     def seg_logits(self, img): return self.predict(img, img.shape[-2:])["fused"]

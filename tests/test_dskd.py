@@ -219,7 +219,10 @@ def test_every_switch_runs_a_step_of_each_stage(flags):
     if flags.get("gc_enable", True): assert "gc_frac_high" in m.log_extras()
     labels = m.eval_labels(b["img"], b["cls_label"], (40, 40))
     assert ("pseudo_label_gc" in labels) == flags.get("gc_enable", True)
-    assert ("student_cam" in labels) == (flags.get("dskd_label_cam") == "student_final")
+    assert "student_cam" in labels                        # teacher vs student CAM: a DSKD diagnostic at every validation
+    for r in ("label", "cam_max"):                        # GC under each confidence reading (the configured one: pseudo_label_gc)
+        name = "pseudo_label_gc" if r == m.cfg.gc_confidence else f"pseudo_label_gc_{r}"
+        assert (name in labels) == flags.get("gc_enable", True), name
     for name, (lab, _) in labels.items(): assert lab.shape == (2, 40, 40), name
 
 
@@ -253,6 +256,37 @@ def test_preset_runs_end_to_end(tmp_path, preset):
     assert "loss_punc" in lines[1] and "loss_seg" in lines[1] and "loss_sim" not in lines[1]
     assert ("gc_frac_high" in lines[1]) == (preset == "dskd_gc")
     assert ("pseudo_label_gc_miou" in s["metrics"]) == (preset == "dskd_gc")
+    # the mechanism diagnostics (issue 24), at the final validation
+    for k in ("cam_fg_recall", "student_cam_fg_precision", "pseudo_label_labelled", "pseudo_label_bg_iou",
+              "dskd_cam_fg_recall_teacher_minus_student"):
+        assert k in s["metrics"], k
+    for k in ("gc_label_rh_in_bg", "gc_cam_max_ru_in_band", "gc_cam_max_miou_gain", "pseudo_label_gc_cam_max_labelled"):
+        assert (k in s["metrics"]) == (preset == "dskd_gc"), k
+
+
+def test_gc_diagnostics_known_answers():
+    "Hand-built validation maps: R_h / R_u locations, changed pixels and GC's gains come out as counted by hand."
+    m = method()
+    gt = torch.zeros(1, 8, 8, dtype=torch.long); gt[0, 2:6, 2:6] = 1; gt[0, 0, 7] = 255     # object rows/cols 2-5
+    Y = gt.masked_fill(gt == 255, 0)
+    Rh = torch.zeros(1, 8, 8, dtype=torch.bool); Rh[0, 0, :2] = True; Rh[0, 3, 3] = True    # 2 bg + 1 interior
+    Ru = torch.zeros(1, 8, 8, dtype=torch.bool); Ru[0, 2, 2] = True; Ru[0, 0, 7] = True     # 1 band + 1 ignored truth
+    Yc = Y.clone(); Yc[0, 0, :2] = 255; Yc[0, 3, 3] = 255; Yc[0, 2, 2] = 0                 # 4 valid pixels changed
+    g = dict(Y=Yc, Rh=Rh, Ru=Ru, gmm_mean_lo=0.2, gmm_mean_hi=0.9, gmm_weight_lo=0.3)
+    m._eval_keep = dict(Y=Y, width=1, gc={"cam_max": g})
+    sums = {k: float(v) for k, v in m.eval_diagnostics(gt).items()}
+    assert (sums["gc_valid"], sums["gc_cam_max_rh_bg"], sums["gc_cam_max_rh_interior"]) == (63, 2, 1)
+    assert (sums["gc_cam_max_ru_band"], sums["gc_cam_max_ru_bg"], sums["gc_cam_max_changed"]) == (1, 0, 4)
+    res = dict(pseudo_label_miou=80.0, pseudo_label_bg_iou=90.0, pseudo_label_gc_cam_max_miou=85.0,
+               pseudo_label_gc_cam_max_bg_iou=88.0, cam_fg_recall=70.0, student_cam_fg_recall=60.0,
+               cam_fg_precision=50.0, student_cam_fg_precision=55.0)
+    d = m.diagnostic_scores(sums, res)
+    assert d["gc_cam_max_rh_in_bg"] == pytest.approx(2 / 3) and d["gc_cam_max_rh_in_interior"] == pytest.approx(1 / 3)
+    assert d["gc_cam_max_ru_in_band"] == 1.0 and d["gc_cam_max_rh_frac"] == pytest.approx(3 / 63)
+    assert d["gc_cam_max_changed_frac"] == pytest.approx(4 / 63) and d["gc_cam_max_gmm_mean_lo"] == 0.2
+    assert (d["gc_cam_max_miou_gain"], d["gc_cam_max_bg_iou_gain"]) == (5.0, -2.0)
+    assert (d["dskd_cam_fg_recall_teacher_minus_student"], d["dskd_cam_fg_precision_teacher_minus_student"]) == (10.0, -5.0)
+    assert "gc_label_rh_frac" not in d
 
 
 class _Killed(DSKDMethod):

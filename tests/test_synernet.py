@@ -195,6 +195,11 @@ def test_end_to_end(preset, extra, tmp_path):
     assert s["cam_miou"] == s["metrics"]["b_cam_miou"] and s["seg_miou"] == s["metrics"]["seg_miou"]
     assert s["pseudo_label_miou"] == s["metrics"]["b_pseudo_label_miou"]
     assert ("seg_reliable_miou" in s["metrics"]) == (cfg.fusion == "confidence")
+    # the mechanism diagnostics (issue 24), with every fusion rule
+    for k in ("b_cam_fg_recall", "p_cam_fg_precision", "b_cam_fg_recall_b_minus_p", "b_cam_fg_precision_p_minus_b",
+              "conf_reliable_frac", "conf_uncertain_seg_acc", "fusion_seg_gain", "fused_pseudo_label_labelled",
+              "fusion_pseudo_label_gain"):
+        assert k in s["metrics"], k
     lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = {k for m in lines for k in m if k.startswith("loss_")}
     expect = {"cls_b", "cls_p", "aux_b", "aux_p", "ptc_b", "ptc_p", "csim", "seg_b", "seg_p", "sbce"}
@@ -204,6 +209,31 @@ def test_end_to_end(preset, extra, tmp_path):
     assert all(math.isfinite(m["loss_total"]) for m in lines if "loss_total" in m)
     ck = torch.load(tmp_path / "run" / "checkpoints" / "final.pt", weights_only=False)
     assert ck["method"]["banks"].shape[:2] == (2, 8)
+
+
+def test_diagnostics_known_answers():
+    "Hand-built confidence matrix, fused prediction and truth: the diagnostics come out as counted by hand."
+    from synernet.confidence import ConfidenceMap
+    meth = sm.SynerNetMethod.__new__(sm.SynerNetMethod)
+    gt = torch.tensor([[[0, 0, 1, 1], [0, 255, 1, 1]]])
+    rel = torch.tensor([[[True, True, True, False], [False, False, True, True]]])
+    z = torch.tensor([[[0, 1, 1, 1], [0, 0, 1, 0]]])
+    seg = torch.tensor([[[0, 0, 1, 0], [1, 1, 1, 0]]])
+    meth._eval_keep = dict(conf=ConfidenceMap(z, rel.float(), rel, rel.float()), seg=seg)
+    sums = {k: float(v) for k, v in meth.eval_diagnostics(gt).items()}
+    # reliable valid pixels: (0,0) (0,1) (0,2) (1,2) (1,3); uncertain valid: (0,3) (1,0)
+    assert (sums["conf_reliable_n"], sums["conf_reliable_seg_ok"], sums["conf_reliable_consensus_ok"]) == (5, 4, 3)
+    assert (sums["conf_uncertain_n"], sums["conf_uncertain_seg_ok"], sums["conf_uncertain_consensus_ok"]) == (2, 0, 2)
+    res = dict(b_cam_fg_recall=80.0, p_cam_fg_recall=60.0, b_cam_fg_precision=50.0, p_cam_fg_precision=70.0,
+               seg_miou=60.0, seg_b_miou=55.0, seg_p_miou=58.0, fused_pseudo_label_miou=70.0,
+               b_pseudo_label_miou=72.0, p_pseudo_label_miou=65.0)
+    d = meth.diagnostic_scores(sums, res)
+    assert (d["b_cam_fg_recall_b_minus_p"], d["b_cam_fg_precision_p_minus_b"]) == (20.0, 20.0)
+    assert d["conf_reliable_frac"] == pytest.approx(5 / 7)
+    assert (d["conf_reliable_seg_acc"], d["conf_uncertain_seg_acc"]) == (80.0, 0.0)
+    assert (d["conf_reliable_consensus_acc"], d["conf_uncertain_consensus_acc"]) == (60.0, 100.0)
+    assert (d["fusion_seg_gain"], d["fusion_pseudo_label_gain"]) == (2.0, -2.0)
+    assert "b_pseudo_label_fg_recall_b_minus_p" not in d
 
 
 # ---------------------------------------------------------------- memory at paper scale (GPU only)
