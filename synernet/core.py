@@ -415,7 +415,8 @@ def _sets_method(name: str) -> bool:
 def phase_table(presets=None, datasets=DATASETS, scales=SCALES) -> list[dict]:
     """The resolved schedule of every method preset (those whose chain sets `method`) x data set x scale: `max_iters`
     and the first iteration of each loss, from the methods' own `loss_weights` (import the methods first)."""
-    presets = [p for p in PRESETS if _sets_method(p) and not p.startswith("_")] if presets is None else presets
+    # sorted by name: the registry's order depends on which modules were imported first
+    presets = sorted(p for p in PRESETS if _sets_method(p) and not p.startswith("_")) if presets is None else presets
     rows = []
     for p in presets:
         for d in datasets:

@@ -105,8 +105,9 @@ class ToCoMethod(Method):
     def training_step(self, batch, n, w):
         c, x, y, box = self.cfg, batch["img"], batch["cls_label"], batch["img_box"]
         if c.inactive_losses != "skip":   # compute every switched-on loss, also one whose phase has not begun (learner)
-            late = self.loss_weights(max(n, c.seg_start, c.contrast_start))
-            w = {k: v if v or k not in self.loss_names or not late.get(k) else 1.0 for k, v in w.items()}
+            now, late = self.loss_weights(n), self.loss_weights(max(n, c.seg_start, c.contrast_start))
+            later = {k for k in self.loss_names if not now.get(k) and late.get(k)}   # off now only by the schedule
+            w = {k: 1.0 if k in later and not v else v for k, v in w.items()}
         S = Step(self, x, y, box, n, w) if self.mechs else None
         need_cam = w["ptc"] or w["ctc"] or w["seg"] or (S is not None and S.need_ms)
         reuse = bool(need_cam and S is None and c.cam_reuse_forward)

@@ -29,3 +29,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_float_mode():
+    """Every test starts with denormals kept: a run started earlier in the same process (`start_run`) switches the
+    CPU to flush them to zero, which changes the results of tests that look at tiny values (PAR's affinities)."""
+    import torch
+    torch.set_flush_denormal(False)
+    yield
+    torch.set_flush_denormal(False)
