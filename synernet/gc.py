@@ -27,8 +27,9 @@ GC_READINGS = ("label", "cam_max")
 
 config_keys("gc",
     gc_enable=(False, "apply Gaussian correction to the segmentation pseudo-labels (the dskd_gc preset turns it on)"),
-    gc_confidence=("label", "G1: per-pixel confidence: 'label' = CAM confidence of the label currently assigned (R2), "
-                   "'cam_max' = max-class CAM value (R1, literal)", dict(choices=GC_READINGS)),
+    gc_confidence=("cam_max", "G1: per-pixel confidence: 'cam_max' = max-class CAM value (R1, literal; the default: its "
+                   "R_h lies in background and at boundaries, as the paper says, nbs/12a_gc_bench.ipynb), 'label' = CAM "
+                   "confidence of the label currently assigned (R2)", dict(choices=GC_READINGS)),
     gc_fit=("image", "G2: one GMM per image ('image') or one over all in-box pixels of the batch ('batch')",
             dict(choices=("image", "batch"))),
     gc_n_fit=(16384, "G2: fit each GMM on at most this many uniformly subsampled in-box values (0 = all)", _nonneg),
@@ -64,7 +65,7 @@ def gc_kwargs(cfg) -> dict:
 # %% ../nbs/12_gc.ipynb #62440046
 def label_confidence(Y: torch.Tensor, V: torch.Tensor, m: torch.Tensor | None = None, mode: str = "label",
                      ignore_index: int = 255) -> torch.Tensor:
-    "Per-pixel confidence `[B,H,W]` of labels `Y` `[B,H,W]` under the valid CAM `V` `[B,C,H,W]` (reading R2 or R1 above)."
+    "Per-pixel confidence `[B,H,W]` of labels `Y` `[B,H,W]` under the valid CAM `V` `[B,C,H,W]`: `mode` 'label' (R2) or 'cam_max' (R1)."
     if V.ndim != 4 or Y.shape != (V.shape[0], *V.shape[2:]):
         raise ValueError(f"label_confidence: Y must be [B,H,W] and V [B,C,H,W] at the same size, got "
                          f"{tuple(Y.shape)} and {tuple(V.shape)}")
@@ -312,7 +313,7 @@ GC_DIAG = ("frac_high", "frac_uncertain", "frac_to_bg", "frac_to_ignore", "frac_
 @torch.no_grad()
 def gaussian_correction(Y: torch.Tensor, A: torch.Tensor, y: torch.Tensor, feat: torch.Tensor, box=None, *,
                         th_high: float = 0.85, th_low: float = 0.25, tau: float = 0.5, tau_mode: str = "fixed",
-                        confidence: str = "label", fit: str = "image", n_fit: int = 16384, min_sep: float = 0.1,
+                        confidence: str = "cam_max", fit: str = "image", n_fit: int = 16384, min_sep: float = 0.1,
                         min_pixels: int = 256, abs_cos: bool = True, stride: int | None = None,
                         only_ignored: bool = False, iters: int = 50, tol: float = 1e-5, reg: float = 5e-4,
                         generator: torch.Generator | None = None, ignore_index: int = 255,

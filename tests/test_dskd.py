@@ -204,7 +204,7 @@ def test_punc_centre_update():
     dict(punc_roi_cam="final", punc_low=0.0, punc_high=1.0), dict(punc_roi_res="pixel"),
     dict(dskd_label_cam="student_final"), dict(dskd_label_cam="teacher_aux"), dict(gc_apply="before_par"),
     dict(gc_feat="aux"), dict(gc_feat="proj"), dict(gc_stride="pixel", gc_tau=0.9), dict(gc_tau_mode="adaptive"),
-    dict(gc_fit="batch"), dict(gc_confidence="cam_max"), dict(gc_only_ignored=True),
+    dict(gc_fit="batch"), dict(gc_confidence="label"), dict(gc_only_ignored=True),
     dict(sim_layers=(1, 3, 5), sim_reduce="sum_layers", sim_in_stage_b=True),
     dict(ema_schedule="linear", ema_copy_at_switch=True), dict(student_sched="stageA_cosine"), dict(gc_enable=False),
 ])
@@ -260,33 +260,34 @@ def test_preset_runs_end_to_end(tmp_path, preset):
     for k in ("cam_fg_recall", "student_cam_fg_precision", "pseudo_label_labelled", "pseudo_label_bg_iou",
               "dskd_cam_fg_recall_teacher_minus_student"):
         assert k in s["metrics"], k
-    for k in ("gc_label_rh_in_bg", "gc_cam_max_ru_in_band", "gc_cam_max_miou_gain", "pseudo_label_gc_cam_max_labelled"):
+    for k in ("gc_label_rh_in_bg", "gc_cam_max_ru_in_band", "gc_cam_max_miou_gain", "gc_label_miou_gain",
+              "pseudo_label_gc_label_labelled"):
         assert (k in s["metrics"]) == (preset == "dskd_gc"), k
 
 
 def test_gc_diagnostics_known_answers():
     "Hand-built validation maps: R_h / R_u locations, changed pixels and GC's gains come out as counted by hand."
-    m = method()
+    m = method(gc_confidence="cam_max")
     gt = torch.zeros(1, 8, 8, dtype=torch.long); gt[0, 2:6, 2:6] = 1; gt[0, 0, 7] = 255     # object rows/cols 2-5
     Y = gt.masked_fill(gt == 255, 0)
     Rh = torch.zeros(1, 8, 8, dtype=torch.bool); Rh[0, 0, :2] = True; Rh[0, 3, 3] = True    # 2 bg + 1 interior
     Ru = torch.zeros(1, 8, 8, dtype=torch.bool); Ru[0, 2, 2] = True; Ru[0, 0, 7] = True     # 1 band + 1 ignored truth
     Yc = Y.clone(); Yc[0, 0, :2] = 255; Yc[0, 3, 3] = 255; Yc[0, 2, 2] = 0                 # 4 valid pixels changed
     g = dict(Y=Yc, Rh=Rh, Ru=Ru, gmm_mean_lo=0.2, gmm_mean_hi=0.9, gmm_weight_lo=0.3)
-    m._eval_keep = dict(Y=Y, width=1, gc={"cam_max": g})
+    m._eval_keep = dict(Y=Y, width=1, gc={"label": g})          # the reading that is not configured: map pseudo_label_gc_label
     sums = {k: float(v) for k, v in m.eval_diagnostics(gt).items()}
-    assert (sums["gc_valid"], sums["gc_cam_max_rh_bg"], sums["gc_cam_max_rh_interior"]) == (63, 2, 1)
-    assert (sums["gc_cam_max_ru_band"], sums["gc_cam_max_ru_bg"], sums["gc_cam_max_changed"]) == (1, 0, 4)
-    res = dict(pseudo_label_miou=80.0, pseudo_label_bg_iou=90.0, pseudo_label_gc_cam_max_miou=85.0,
-               pseudo_label_gc_cam_max_bg_iou=88.0, cam_fg_recall=70.0, student_cam_fg_recall=60.0,
+    assert (sums["gc_valid"], sums["gc_label_rh_bg"], sums["gc_label_rh_interior"]) == (63, 2, 1)
+    assert (sums["gc_label_ru_band"], sums["gc_label_ru_bg"], sums["gc_label_changed"]) == (1, 0, 4)
+    res = dict(pseudo_label_miou=80.0, pseudo_label_bg_iou=90.0, pseudo_label_gc_label_miou=85.0,
+               pseudo_label_gc_label_bg_iou=88.0, cam_fg_recall=70.0, student_cam_fg_recall=60.0,
                cam_fg_precision=50.0, student_cam_fg_precision=55.0)
     d = m.diagnostic_scores(sums, res)
-    assert d["gc_cam_max_rh_in_bg"] == pytest.approx(2 / 3) and d["gc_cam_max_rh_in_interior"] == pytest.approx(1 / 3)
-    assert d["gc_cam_max_ru_in_band"] == 1.0 and d["gc_cam_max_rh_frac"] == pytest.approx(3 / 63)
-    assert d["gc_cam_max_changed_frac"] == pytest.approx(4 / 63) and d["gc_cam_max_gmm_mean_lo"] == 0.2
-    assert (d["gc_cam_max_miou_gain"], d["gc_cam_max_bg_iou_gain"]) == (5.0, -2.0)
+    assert d["gc_label_rh_in_bg"] == pytest.approx(2 / 3) and d["gc_label_rh_in_interior"] == pytest.approx(1 / 3)
+    assert d["gc_label_ru_in_band"] == 1.0 and d["gc_label_rh_frac"] == pytest.approx(3 / 63)
+    assert d["gc_label_changed_frac"] == pytest.approx(4 / 63) and d["gc_label_gmm_mean_lo"] == 0.2
+    assert (d["gc_label_miou_gain"], d["gc_label_bg_iou_gain"]) == (5.0, -2.0)
     assert (d["dskd_cam_fg_recall_teacher_minus_student"], d["dskd_cam_fg_precision_teacher_minus_student"]) == (10.0, -5.0)
-    assert "gc_label_rh_frac" not in d
+    assert "gc_cam_max_rh_frac" not in d
 
 
 class _Killed(DSKDMethod):

@@ -280,6 +280,15 @@ def test_pixel_stride_similarity_matches_explicit_upsampling():
 
 
 # --------------------------------------------------------------------------------------------------- end to end
+def test_default_reading_is_the_max_activation():
+    "The default confidence reading (issue 24): R1, the maximum class activation, in the config and the function."
+    import inspect
+    from synernet.core import make_config
+    import synernet.dskd_method  # noqa: F401  (registers the dskd_gc preset)
+    assert make_config("base").gc_confidence == make_config("dskd_gc").gc_confidence == "cam_max"
+    assert inspect.signature(gaussian_correction).parameters["confidence"].default == "cam_max"
+
+
 def test_gaussian_correction_end_to_end_and_diagnostics():
     g = torch.Generator().manual_seed(7)
     B, C, H, W = 4, 3, 32, 32
@@ -303,9 +312,9 @@ def test_gaussian_correction_end_to_end_and_diagnostics():
     assert d["labelled_before"] == pytest.approx(((Y != 255) & inside).sum().item() / n)
     assert d["labelled_after"] == pytest.approx(((out != 255) & inside).sum().item() / n)
     assert 0 <= d["gmm_mean_lo"] <= d["gmm_mean_hi"] <= 1 and d["images"] == 4
-    # a per-batch fit and the literal confidence run and give other results
+    # a per-batch fit and the other confidence reading (label confidence, R2) run and give other results
     out_b, d_b = gaussian_correction(Y, A, y, feat, box, min_pixels=64, fit="batch")
-    out_c, _ = gaussian_correction(Y, A, y, feat, box, min_pixels=64, confidence="cam_max")
+    out_c, _ = gaussian_correction(Y, A, y, feat, box, min_pixels=64, confidence="label")
     assert not torch.equal(out_c, out)
     # adaptive tau: per image median - MAD of the similarities
     _, d_a = gaussian_correction(Y, A, y, feat, box, min_pixels=64, tau_mode="adaptive")
