@@ -4,6 +4,7 @@
 
 # %% ../nbs/16_synernet.ipynb #d227646e
 from __future__ import annotations
+import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -20,7 +21,7 @@ from . import toco_method   # the shared loss keys (w_cls, w_aux, w_ptc, w_seg, 
 from .branches import mix_cams
 from .mechanisms import (Step, build_mechanisms, mech_forward, mech_optimizers, mech_weights, mech_after_step,
                                  mech_state, mech_load_state, mech_log)
-from .branches import (bcam_logits, sbce_roi, per_image_thresholds, spatial_bce_loss, cross_pseudo_labels,
+from .branches import (attention_affinity, bcam_logits, sbce_roi, per_image_thresholds, spatial_bce_loss, cross_pseudo_labels,
                                decoder_targets, class_token_sim_loss, instance_images, proto_contrast_loss)
 from .confidence import (resolve_layers, layer_features, anchor_labels, anchor_from_logits, proto_votes,
                                  cam_votes, confidence_matrix, fuse_logits, fusion_labels)
@@ -307,6 +308,7 @@ class SynerNetMethod(Method):
             L["sbce"], tgt = spatial_bce_loss(res["z_p"], y, phi, c.sbce_pos_weight, return_targets=True)
             self.record(sbce_roi=roi, sbce_phi=phi, sbce_targets=tgt)
             self._diag["sbce_pos_frac"] = float(tgt.any(1).float().mean())
+            self._diag["sbce_phi_mean"] = float(phi[y > 0].mean()) if bool((y > 0).any()) else 0.0
         if w["proto"]:
             L["proto"] = sum(proto_contrast_loss(res["proj"][i], icls[i], self.banks[i], c.proto_temp,
                                                  c.proto_momentum, len(x)) for i in range(2))
@@ -387,7 +389,12 @@ class SynerNetMethod(Method):
         else:
             tconf = confidence_matrix(cam_votes([A_b, M_b, A_p, M_p], cls_label, c.bkg_thre), img.shape[-2:])
         out["fused_pseudo_label"] = (near(fusion_labels(Y_B, Y_P, tconf)), True)
-        self._eval_keep = dict(conf=pr["conf"], seg=out["seg"][0])
+        self._eval_keep = dict(conf=pr["conf"], seg=out["seg"][0], images=len(img))
+        if c.bcam_attn_prop:             # how global B's attention is: 1 = every token attends uniformly to all
+            eb = self.core.encode("b", img, attn_blocks=tuple(range(-c.bcam_attn_layers, 0)))
+            A = attention_affinity([eb.attn[i] for i in sorted(eb.attn)]).double()
+            H = -(A.clamp_min(1e-30).log() * A).sum(-1) / math.log(A.shape[-1])
+            self._eval_keep["affinity_entropy"] = float(H.mean(-1).sum())
         # the names the learner's summary reads: B-CAM, its aux CAM, and the label that decoder P learns
         out.update(cam=out["b_cam"], aux_cam=out["b_aux_cam"],
                    pseudo_label=out["b_pseudo_label"] if c.cross_supervision else out["p_pseudo_label"])
@@ -396,11 +403,13 @@ class SynerNetMethod(Method):
 
     def eval_diagnostics(self, mask) -> dict:
         """Pixel counts of the inference confidence matrix against the truth: reliable and uncertain pixels, and how
-        many of each the fused prediction and the layer consensus get right."""
+        many of each the fused prediction and the layer consensus get right; with B-CAM attention, the summed mean
+        row entropy of B's attention affinity (normalised by log N)."""
         keep = getattr(self, "_eval_keep", None)
         if not keep or keep["conf"] is None: return {}
         valid, conf = mask != 255, keep["conf"]
-        out = {}
+        out = dict(images=float(keep.get("images", len(mask))))
+        if "affinity_entropy" in keep: out["affinity_entropy"] = keep["affinity_entropy"]
         for name, where in (("reliable", conf.reliable & valid), ("uncertain", ~conf.reliable & valid)):
             out[f"conf_{name}_n"] = where.sum().double()
             out[f"conf_{name}_seg_ok"] = (where & (keep["seg"] == mask)).sum().double()
@@ -410,7 +419,8 @@ class SynerNetMethod(Method):
     def diagnostic_scores(self, sums: dict, res: dict) -> dict:
         """Branches: B minus P foreground recall and P minus B foreground precision of the CAMs and pseudo-labels
         (points); confidence matrix: share of reliable pixels and accuracy (%) of the fused prediction and the
-        consensus on reliable vs uncertain pixels; fusion: fused minus the better branch (decoders; pseudo-labels)."""
+        consensus on reliable vs uncertain pixels; fusion: fused minus the better branch (decoders; pseudo-labels);
+        `bcam_affinity_entropy` (1 = uniform attention, which propagation turns into a flat, flooding B-CAM)."""
         out = {}
         for a, b in (("b_cam", "p_cam"), ("b_pseudo_label", "p_pseudo_label"), ("seg_b", "seg_p")):
             if f"{a}_fg_recall" in res and f"{b}_fg_recall" in res:
@@ -423,6 +433,8 @@ class SynerNetMethod(Method):
                 for what in ("seg", "consensus"):
                     out[f"conf_{name}_{what}_acc"] = (100 * sums[f"conf_{name}_{what}_ok"] / sums[f"conf_{name}_n"]
                                                       if sums[f"conf_{name}_n"] else float("nan"))
+        if "affinity_entropy" in sums:
+            out["bcam_affinity_entropy"] = sums["affinity_entropy"] / max(sums["images"], 1.0)
         best = lambda *ks: max(res[k] for k in ks)
         if all(f"{k}_miou" in res for k in ("seg", "seg_b", "seg_p")):
             out["fusion_seg_gain"] = res["seg_miou"] - best("seg_b_miou", "seg_p_miou")

@@ -200,12 +200,15 @@ def test_end_to_end(preset, extra, tmp_path):
               "conf_reliable_frac", "conf_uncertain_seg_acc", "fusion_seg_gain", "fused_pseudo_label_labelled",
               "fusion_pseudo_label_gain"):
         assert k in s["metrics"], k
+    assert ("bcam_affinity_entropy" in s["metrics"]) == cfg.bcam_attn_prop
+    if cfg.bcam_attn_prop: assert 0 < s["metrics"]["bcam_affinity_entropy"] <= 1 + 1e-9
     lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = {k for m in lines for k in m if k.startswith("loss_")}
     expect = {"cls_b", "cls_p", "aux_b", "aux_p", "ptc_b", "ptc_p", "csim", "seg_b", "seg_p", "sbce"}
     if extra.get("proto_contrast"): expect |= {"proto"}
     if extra.get("fusion_in_training"): expect |= {"seg_fuse"}
     assert losses == {f"loss_{k}" for k in expect | {"total"}}
+    assert any("sbce_phi_mean" in m for m in lines)
     assert all(math.isfinite(m["loss_total"]) for m in lines if "loss_total" in m)
     ck = torch.load(tmp_path / "run" / "checkpoints" / "final.pt", weights_only=False)
     assert ck["method"]["banks"].shape[:2] == (2, 8)
