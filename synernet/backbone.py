@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_backbone.ipynb #e1fd87cc
 from __future__ import annotations
-import dataclasses, difflib, functools, os, socket, threading, time
+import dataclasses, difflib, functools, hashlib, importlib, os, re, socket, threading, time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -15,19 +15,25 @@ import timm
 from timm.layers import Attention as _TimmAttention
 from timm.models.vision_transformer import Block as _TimmBlock, VisionTransformer as _TimmViT
 
-from .core import ConfigError, config_keys, extend_preset
+from .core import RUN_FACTS, ConfigError, config_keys, extend_preset
 
 # %% auto #0
-__all__ = ['DEMO_ARCHS', 'PAPER_BACKBONE', 'ARCH_KEYS', 'arch_overrides', 'WeightsUnavailableError', 'cached_weights',
-           'check_hub_reachable', 'build_vit', 'resolve_block', 'to2d', 'BackboneOut', 'resize_pos_embed',
-           'ViTBackbone', 'build_backbone', 'backbone_from_config']
+__all__ = ['DEMO_ARCHS', 'PAPER_BACKBONE', 'ARCH_KEYS', 'demo_weights', 'arch_overrides', 'WeightsUnavailableError',
+           'cached_weights', 'check_hub_reachable', 'build_vit', 'file_sha256', 'card_sha256', 'encoder_weights',
+           'resolve_block', 'to2d', 'BackboneOut', 'resize_pos_embed', 'ViTBackbone', 'build_backbone',
+           'backbone_from_config']
 
 # %% ../nbs/02_backbone.ipynb #7337e750
 DEMO_ARCHS = {
-    # name: (timm architecture it is derived from, constructor overrides). No pretrained weights exist for these.
+    # name: (timm architecture it is derived from, constructor overrides). Their pretrained weights: `demo_weights`.
     "vit_tiny_p8_demo": ("vit_tiny_patch16_224", dict(patch_size=8, depth=6, img_size=128)),
 }
 PAPER_BACKBONE = "vit_base_patch16_224.orig_in21k_ft_in1k"
+_PKG_DIR = Path(importlib.import_module("synernet").__file__).parent
+
+def demo_weights(name: str) -> Path:
+    "The committed pretrained weights of demo encoder `name` (made by nbs/pretrain.ipynb; model card: same name, .md)."
+    return _PKG_DIR / "weights" / f"{name}.safetensors"
 
 def _check_backbone(name: str) -> bool:
     return name in DEMO_ARCHS or timm.is_model(name)
@@ -45,7 +51,8 @@ config_keys("model",
     backbone=(PAPER_BACKBONE, "encoder: a timm ViT name (with pretrained tag), or 'vit_tiny_p8_demo' for CPU runs",
               dict(check=_check_backbone, check_msg="not a timm model name and not one of the demo encoders "
                    f"{sorted(DEMO_ARCHS)}; e.g. {PAPER_BACKBONE!r} or 'deit_base_patch16_224'")),
-    pretrained=(True, "load pretrained encoder weights (from weights_file, the local cache or the Hugging Face hub)"),
+    pretrained=(True, "load pretrained encoder weights (weights_file, else the local cache or the Hugging Face hub; "
+                      "a demo encoder: its committed file, synernet/weights/<name>.safetensors)"),
     weights_file=("", "local encoder weights (.safetensors/.pth/.npz); '' = by timm name from the hub or its cache"),
     aux_layer=(-3, "block whose pre-LayerNorm tokens feed the auxiliary classifier (negative = from the end)"),
     pool=("gmp", "token pooling before the classifier: global max ('gmp'), top-5 mean ('top5'), top-k mean ('topk')",
@@ -62,7 +69,7 @@ config_keys("model",
     vit_img_size=(0, "image size the positional embedding is built for; other sizes resize it (0 = the "
                      "architecture's own)", _arch),
 )
-extend_preset("base", demo=dict(backbone="vit_tiny_p8_demo", pretrained=False, aux_layer=-3),
+extend_preset("base", demo=dict(backbone="vit_tiny_p8_demo", pretrained=True, aux_layer=-3),
               coco_paper=dict(aux_layer=9))
 
 # %% ../nbs/02_backbone.ipynb #f8b3a852
@@ -146,6 +153,19 @@ def _create(timm_name, kw, weights=None):
     overlay = dict(file=str(weights), custom_load=weights.suffix == ".npz")
     return timm.create_model(timm_name, pretrained=True, pretrained_cfg_overlay=overlay, **kw)
 
+def _demo_misfit(name, arch, why) -> str:
+    return (f"The committed weights of {name!r} do not fit this encoder (vit_* keys {arch or {}}): use "
+            f"pretrained=False, or weights_file= a file of this size ({why}).")
+
+def _check_complete(vit, f, name, arch):
+    "timm loads non-strictly when the head differs: check that the file and the encoder hold the same tensors."
+    from safetensors import safe_open
+    with safe_open(str(f), "pt") as fh: keys = set(fh.keys())
+    mine = set(vit.state_dict())
+    if keys != mine:
+        raise ConfigError(_demo_misfit(name, arch, f"{len(keys - mine)} tensors of the file unused, "
+                                                   f"{len(mine - keys)} of the encoder missing from it"))
+
 def build_vit(name: str = PAPER_BACKBONE, pretrained: bool = False, weights_file: str | os.PathLike = "",
               def_compat_qkv: bool = False, drop_path: float = 0.0, hub_timeout: float = 3.0,
               arch: dict | None = None) -> _TimmViT:
@@ -163,17 +183,27 @@ def build_vit(name: str = PAPER_BACKBONE, pretrained: bool = False, weights_file
             raise FileNotFoundError(f"weights_file {str(weights)!r} does not exist. Give the path of a .safetensors, "
                                     f".pth or .npz file holding {timm_name!r} weights, or weights_file='' .")
     elif pretrained:
-        if name in DEMO_ARCHS:
-            raise ConfigError(f"backbone {name!r} has no pretrained weights: set pretrained=False or give "
-                              "weights_file='path' with weights saved from this architecture.")
-        if timm.models.get_pretrained_cfg(timm_name) is None:
-            raise ConfigError(f"timm has no pretrained weights for {timm_name!r}; pick a tagged name such as "
-                              f"{PAPER_BACKBONE!r}, or give weights_file=...")
-        weights = cached_weights(timm_name)
-        if weights is None: check_hub_reachable(timm_name, hub_timeout)
+        if name in DEMO_ARCHS:                       # its committed file, then the same path as weights_file
+            weights = demo_weights(name)
+            if not weights.is_file():
+                raise WeightsUnavailableError(
+                    f"The pretrained weights of {name!r} ({weights}) are missing. Regenerate them with "
+                    "`OMP_NUM_THREADS=1 papermill nbs/pretrain.ipynb runs/pretrain.ipynb`, or use pretrained=False.")
+        else:
+            if timm.models.get_pretrained_cfg(timm_name) is None:
+                raise ConfigError(f"timm has no pretrained weights for {timm_name!r}; pick a tagged name such as "
+                                  f"{PAPER_BACKBONE!r}, or give weights_file=...")
+            weights = cached_weights(timm_name)
+            if weights is None: check_hub_reachable(timm_name, hub_timeout)
     if not (weights_file or pretrained): return _create(timm_name, {**kw, **compat})
     if weights is None: vit = timm.create_model(timm_name, pretrained=True, **kw)   # download (hub reachable)
-    else: vit = _create(timm_name, kw, weights)
+    else:
+        demo = name in DEMO_ARCHS and not weights_file
+        try: vit = _create(timm_name, kw, weights)
+        except RuntimeError as e:
+            if not demo: raise
+            raise ConfigError(_demo_misfit(name, arch, e)) from e
+        if demo: _check_complete(vit, weights, name, arch)
     if not def_compat_qkv: return vit
     cvit = _create(timm_name, {**kw, **compat})
     res = cvit.load_state_dict(vit.state_dict(), strict=False)          # q6: drop the qkv biases, silently in DEF
@@ -182,6 +212,35 @@ def build_vit(name: str = PAPER_BACKBONE, pretrained: bool = False, weights_file
         raise RuntimeError(f"def_compat_qkv load of {name!r}: expected to drop only the qkv biases, got missing "
                            f"{res.missing_keys}, unexpected {res.unexpected_keys}")
     return cvit
+
+def file_sha256(path) -> str:
+    "sha256 of a file's bytes (hex)."
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for b in iter(lambda: f.read(1 << 20), b""): h.update(b)
+    return h.hexdigest()
+
+def card_sha256(card_path) -> str:
+    "The sha256 a model card states (the hex digest on its `sha256:` line)."
+    m = re.search(r"sha256: `([0-9a-f]{64})`", Path(card_path).read_text())
+    if not m: raise ValueError(f"{card_path} states no sha256")
+    return m.group(1)
+
+def encoder_weights(backbone: str, pretrained: bool, weights_file: str | os.PathLike = "") -> dict:
+    """Which weights an encoder starts from, for summary.json and env.json: `encoder_weights` (a file, `timm:<name>`
+    or `random`) and `encoder_weights_sha256` (of the file; None for random weights or hub weights not cached)."""
+    if weights_file: f = Path(weights_file).expanduser()
+    elif not pretrained: return dict(encoder_weights="random", encoder_weights_sha256=None)
+    elif backbone in DEMO_ARCHS: f = demo_weights(backbone)
+    else:
+        f = cached_weights(_timm_arch(backbone)[0])
+        if f is None: return dict(encoder_weights=f"timm:{backbone}", encoder_weights_sha256=None)
+    try: shown = str(f.resolve().relative_to(_PKG_DIR.parent))
+    except ValueError: shown = str(f)
+    return dict(encoder_weights=shown, encoder_weights_sha256=file_sha256(f) if f.is_file() else None)
+
+def _encoder_fact(cfg) -> dict: return encoder_weights(cfg.backbone, cfg.pretrained, cfg.weights_file)
+RUN_FACTS.append(_encoder_fact)
 
 # %% ../nbs/02_backbone.ipynb #8df6d991
 def resolve_block(i: int, depth: int, what: str = "block") -> int:
