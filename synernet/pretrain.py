@@ -194,7 +194,7 @@ def pretrain(work_dir, steps: int = 3000, batch_size: int = 32, lr: float = 1e-3
     hist, step, secs = [], 0, 0.0
     ck = work / "last.pt"
     if ck.is_file():
-        st = torch.load(ck, map_location="cpu", weights_only=False)
+        st = torch.load(ck, map_location="cpu", weights_only=True)     # plain data only: nothing in the file runs
         if st["hparams"] != hp:
             raise ValueError(f"{ck} was written with other settings ({st['hparams']} vs {hp}); delete it or use "
                              f"another work_dir")
