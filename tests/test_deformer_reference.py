@@ -357,7 +357,7 @@ def paper_switches_off():
 
 def test_paper_preset_with_its_switches_off_has_the_code_config():
     off = paper_switches_off()
-    # what the paper adds over the code (d.3): the B-CAM propagation, the band resolutions and the confidence fusion
+    # what the paper adds over the authors' code: the B-CAM propagation, the band resolutions and the confidence fusion
     assert {"bcam_attn_prop", "bcam_ignore_band", "pcam_ignore_band", "fusion"} <= set(off), sorted(off)
 
 
