@@ -69,7 +69,7 @@ config_keys("model",
     vit_img_size=(0, "image size the positional embedding is built for; other sizes resize it (0 = the "
                      "architecture's own)", _arch),
 )
-extend_preset("base", demo=dict(backbone="vit_tiny_p8_demo", pretrained=True, aux_layer=-3),
+extend_preset("base", demo=dict(backbone="vit_tiny_p8_demo", pretrained=False, aux_layer=-3),
               coco_paper=dict(aux_layer=9))
 
 # %% ../nbs/02_backbone.ipynb #f8b3a852

@@ -404,7 +404,7 @@ def test_scheduler_resume_matches_uninterrupted(schedule):
 
 def test_config_keys_and_presets():
     d = make_config("base")
-    assert (d.backbone, d.pretrained, d.lr, d.warmup_iters, d.lr_schedule) == ("vit_tiny_p8_demo", True, 1e-4, 50, "poly")
+    assert (d.backbone, d.pretrained, d.lr, d.warmup_iters, d.lr_schedule) == ("vit_tiny_p8_demo", False, 1e-4, 50, "poly")
     v = make_config("base", dataset="voc")
     assert (v.backbone, v.pretrained, v.weights_file, v.aux_layer, v.pool, v.def_compat_qkv, v.drop_path) == \
         (PAPER_BACKBONE, True, "", -3, "gmp", False, 0.0)

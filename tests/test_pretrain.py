@@ -1,6 +1,6 @@
 """The demo encoder's pretrained weights (nbs/02a_pretrain.ipynb, nbs/pretrain.ipynb): the committed file matches its
 model card and loads, the pretraining notebook runs end to end at a tiny size (and a rerun resumes to the same bytes),
-and a demo run starts from the committed weights by default, or from scratch with pretrained=False, and says which in
+and a demo run starts from the committed weights with pretrained=True, or from scratch (the default), and says which in
 summary.json and env.json."""
 import json, subprocess, sys
 from pathlib import Path
