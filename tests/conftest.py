@@ -33,8 +33,9 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _fresh_float_mode():
-    """Every test starts with denormals kept: a run started earlier in the same process (`start_run`) switches the
-    CPU to flush them to zero, which changes the results of tests that look at tiny values (PAR's affinities)."""
+    """Every test starts with denormals kept in its thread: a run started earlier in the same process (`start_run`)
+    switches the CPU to flush them to zero. Threads created while that was on (torch's worker pool) keep flushing, so
+    a test that needs values below float32's normal range computes in float64 (PAR's affinities do)."""
     import torch
     torch.set_flush_denormal(False)
     yield

@@ -209,18 +209,21 @@ def test_par_matches_pixel_loop(dilations, num_iter, shape):
 
 
 def test_par_invariants():
+    # float64: the affinities reach 1e-25 and below, which float32 keeps only while denormals are not flushed (a run
+    # started earlier in the same process flushes them in the threads it creates)
     g = torch.Generator().manual_seed(4)
-    img = torch.rand(2, 3, 20, 26, generator=g)
+    img = torch.rand(2, 3, 20, 26, generator=g, dtype=D64)
     for n, w2 in ((10, 0.01), (4, 0.05), (0, 0.01)):
-        par = PAR(num_iter=n, w2=w2)
-        torch.testing.assert_close(par(img, torch.full((2, 3, 20, 26), 0.5)),
-                                   torch.full((2, 3, 20, 26), 0.5 * (1 + w2) ** n), atol=1e-5, rtol=0)
-        prob = torch.rand(2, 4, 10, 13, generator=g).softmax(1)
-        torch.testing.assert_close(par(img, prob).sum(1), torch.full((2, 20, 26), (1 + w2) ** n), atol=1e-5, rtol=0)
-    assert abs(PAR()(img, torch.full((2, 1, 20, 26), 0.5)).mean().item() - 0.5523111) < 1e-5
-    A = PAR().affinity(img)
+        par = PAR(num_iter=n, w2=w2).to(D64)
+        torch.testing.assert_close(par(img, torch.full((2, 3, 20, 26), 0.5, dtype=D64)),
+                                   torch.full((2, 3, 20, 26), 0.5 * (1 + w2) ** n, dtype=D64), atol=1e-5, rtol=0)
+        prob = torch.rand(2, 4, 10, 13, generator=g, dtype=D64).softmax(1)
+        torch.testing.assert_close(par(img, prob).sum(1), torch.full((2, 20, 26), (1 + w2) ** n, dtype=D64), atol=1e-5,
+                                   rtol=0)
+    assert abs(PAR().to(D64)(img, torch.full((2, 1, 20, 26), 0.5, dtype=D64)).mean().item() - 0.5523111) < 1e-5
+    A = PAR().to(D64).affinity(img)
     assert A.shape == (2, 48, 20, 26) and (A > 0).all()
-    torch.testing.assert_close(A.sum(1), torch.full((2, 20, 26), 1.01), atol=1e-6, rtol=0)
+    torch.testing.assert_close(A.sum(1), torch.full((2, 20, 26), 1.01, dtype=D64), atol=1e-6, rtol=0)
 
 
 def test_par_flip_equivariance():
