@@ -13,7 +13,7 @@ from .core import config_keys, register_preset, ConfigError
 from .cam import multi_scale_cam, cam_to_label, token_labels, valid_cam
 from .par import PAR, refine_cams_with_bkg
 from .losses import cls_loss, ptc_loss, seg_loss
-from .toco import ToCoNet, ToCoOut, build_optimizer, lr_param_groups
+from .toco import ToCoNet, ToCoOut, build_optimizer, load_renamed_state_dict, lr_param_groups
 from .backbone import to2d
 from .transforms import denormalize
 from .learner import Method, register_method, unwrap, Forward
@@ -133,24 +133,9 @@ def load_deformer_state_dict(net: SynerNet, sd: dict) -> list[str]:
     "Load a state dict named as the authors' du_head code names it into `net`; returns the skipped (unused) names."
     if net.shared: raise ValueError("the authors' network has two independent encoders; build SynerNet with "
                                     "shared_encoder=False to load it")
-    if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict): sd = sd["model"]
-    mine = net.state_dict()
-    mapped, skipped = {}, []
-    for k, v in sd.items():
-        n = deformer_name(k)
-        if n is None: skipped.append(k); continue
-        if n not in mine: raise KeyError(f"parameter {k!r} (here {n!r}) has no counterpart in this network (a qkv "
-                                         "bias? build it with def_compat_qkv=True)")
-        if tuple(v.shape) != tuple(mine[n].shape):
-            raise ValueError(f"parameter {k!r} has shape {tuple(v.shape)}, this network's {n!r} has "
-                             f"{tuple(mine[n].shape)}: build the network at the checkpoint's sizes (vit_*, decoder_dim)")
-        mapped[n] = torch.as_tensor(v)
-    own = (".proj_head.", ".proj_head_t.")      # this network's CTC heads: not in the authors' network, kept as they are
-    missing = sorted(k for k in set(mine) - set(mapped) if not any(s in k for s in own))
-    if missing: raise KeyError(f"the state dict lacks {missing[:6]}{' ...' if len(missing) > 6 else ''} (qkv biases? "
-                               "they exist here unless def_compat_qkv=True)")
-    net.load_state_dict({**mine, **mapped})
-    return skipped
+    # this network's CTC heads are not in the authors' network: they stay as they are
+    return load_renamed_state_dict(net, sd, deformer_name, "du_head", keep=(".proj_head.", ".proj_head_t."),
+                                   hint=" (keys vit_*, decoder_dim; qkv biases exist here unless def_compat_qkv=True)")
 
 # %% ../nbs/16_synernet.ipynb #ef37be7c
 def synernet_forward(model: SynerNet, x, with_seg: bool = True, tokens: bool = False, sbce: bool = False,

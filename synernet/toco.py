@@ -18,7 +18,7 @@ from .backbone import ARCH_KEYS, BackboneOut, ViTBackbone, arch_overrides, build
 # %% auto #0
 __all__ = ['MODEL_ARGS', 'LargeFOV', 'CTCHead', 'pool_tokens', 'model_args', 'ToCoOut', 'ToCoNet', 'lr_param_groups',
            'poly_warmup_factor', 'cosine_warmup_factor', 'WarmupLR', 'build_optimizer', 'set_adamw_state', 'toco_name',
-           'load_toco_state_dict']
+           'load_renamed_state_dict', 'load_toco_state_dict']
 
 # %% ../nbs/07_toco.ipynb #f5bd776b
 _pos = dict(check=lambda v: v > 0, check_msg="must be > 0")
@@ -316,21 +316,28 @@ def toco_name(toco: str) -> str | None:
         if n.endswith(theirs): n = n[: -len(theirs)] + ours
     return n
 
-def load_toco_state_dict(net: nn.Module, sd: dict) -> list[str]:
-    "Load a state dict named as ToCo names its parameters into `net`; returns the skipped ToCo names (unused head)."
+def load_renamed_state_dict(net: nn.Module, sd: dict, rename, source: str = "checkpoint", keep=(),
+                            hint: str = "") -> list[str]:
+    """Load a state dict named by another codebase into `net`: `rename(name)` gives this network's name, or None for a
+    parameter the source holds but never uses (skipped and returned). Parameters of `net` whose name contains one of
+    `keep` are not in the source and stay as they are. A missing, extra or misshaped parameter is an error naming it;
+    `hint` says how to build a matching network. A `{"model": state_dict}` wrapper is accepted."""
     if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict): sd = sd["model"]
     mine = net.state_dict()
     mapped, skipped = {}, []
     for k, v in sd.items():
-        n = toco_name(k)
+        n = rename(k)
         if n is None: skipped.append(k); continue
-        if n not in mine: raise KeyError(f"ToCo parameter {k!r} (here {n!r}) has no counterpart in this network")
+        if n not in mine: raise KeyError(f"{source} parameter {k!r} (here {n!r}) has no counterpart in this network{hint}")
         if tuple(v.shape) != tuple(mine[n].shape):
-            raise ValueError(f"ToCo parameter {k!r} has shape {tuple(v.shape)}, this network's {n!r} has "
-                             f"{tuple(mine[n].shape)}: build the network at the checkpoint's sizes (vit_*, decoder_dim, "
-                             "proj_* keys)")
+            raise ValueError(f"{source} parameter {k!r} has shape {tuple(v.shape)}, this network's {n!r} has "
+                             f"{tuple(mine[n].shape)}: build the network at the checkpoint's sizes{hint}")
         mapped[n] = torch.as_tensor(v)
-    missing = sorted(set(mine) - set(mapped))
-    if missing: raise KeyError(f"the ToCo state dict lacks {missing[:6]}{' ...' if len(missing) > 6 else ''}")
-    net.load_state_dict(mapped)
+    missing = sorted(k for k in set(mine) - set(mapped) if not any(s in k for s in keep))
+    if missing: raise KeyError(f"the {source} state dict lacks {missing[:6]}{' ...' if len(missing) > 6 else ''}{hint}")
+    net.load_state_dict({**mine, **mapped})
     return skipped
+
+def load_toco_state_dict(net: nn.Module, sd: dict) -> list[str]:
+    "Load a state dict named as ToCo names its parameters into `net`; returns the skipped ToCo names (unused head)."
+    return load_renamed_state_dict(net, sd, toco_name, "ToCo", hint=" (keys vit_*, decoder_dim, proj_*)")
