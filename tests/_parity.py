@@ -51,3 +51,27 @@ def assert_labels(got, want, what, frac, fragile=None):
         bad &= ~fragile
     assert bad.mean() <= frac, f"{what}: {int(bad.sum())} of {bad.size} entries differ (first at " \
                                f"{np.argwhere(bad)[0].tolist()}: got {got[bad][0]}, want {want[bad][0]})"
+
+
+def assert_grads(case: dict, grads: dict, rename, what: str, tol: dict, source: str) -> set:
+    """Every stored `grad__<name>` against this network's gradient of `rename(name)`, and no gradient here that the
+    source does not have. Returns the case keys it consumed."""
+    want = {k[len("grad__"):]: v for k, v in case.items() if k.startswith("grad__")}
+    for tn, g in want.items():
+        ours = rename(tn)
+        assert ours is not None and grads.get(ours) is not None, f"{what}: {tn} gets no gradient here"
+        assert_close(grads[ours], g, f"{what}/grad {tn}", **tol)
+    extra = {k for k, g in grads.items() if g is not None} - {rename(k) for k in want}
+    assert not extra, f"{what}: gradients {source} does not have: {sorted(extra)}"
+    return {"grad__" + k for k in want}
+
+
+def assert_params_after(case: dict, params: dict, rename, what: str, tol: dict, prefixes=("after__",)) -> set:
+    "Every stored `<prefix><name>` (a parameter after the step) against `params[rename(name)]`; returns the keys used."
+    used = {k for k in case if k.startswith(tuple(prefixes))}
+    for k in used:
+        p = next(p for p in prefixes if k.startswith(p))
+        ours = rename(k[len(p):])
+        assert ours in params, f"{what}: {k} has no counterpart"
+        assert_close(params[ours], case[k], f"{what}/{k}", **tol)
+    return used

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from _parity import assert_close as _close, assert_labels as _labels, load_family
+from _parity import assert_close as _close, assert_grads, assert_labels as _labels, assert_params_after, load_family
 import synernet.synernet_method  # noqa: F401  (registers the method and the presets)
 from synernet.branches import per_image_thresholds, sbce_roi, spatial_bce_loss
 from synernet.cam import token_labels
@@ -305,20 +305,9 @@ def replay(name, case, dtype, preset=PRESET, extra=None):
     # the learning rate each group used
     _close([g["lr"] for g in opt.param_groups], take("lr"), f"{name}/lr", **tol["lr"])
     # gradients: every stored one, and none elsewhere
-    want_grads = {k[len("grad__"):]: v for k, v in case.items() if k.startswith("grad__")}
-    seen |= {"grad__" + k for k in want_grads}
-    for tn, g in want_grads.items():
-        ours = deformer_name(tn)
-        assert ours is not None and grads.get(ours) is not None, f"{name}: {tn} gets no gradient here"
-        _close(grads[ours], g, f"{name}/grad {tn}", **tol["grad"])
-    extra = {k for k, g in grads.items() if g is not None} - {deformer_name(k) for k in want_grads}
-    assert not extra, f"{name}: gradients the code does not have: {sorted(extra)}"
+    seen |= assert_grads(case, grads, deformer_name, name, tol["grad"], "the code")
     # parameters after the update
-    params = dict(net.state_dict())
-    for k in [k for k in case if k.startswith("after__")]:
-        ours = deformer_name(k[len("after__"):])
-        assert ours in params, f"{name}: {k} has no counterpart"
-        _close(params[ours], take(k), f"{name}/{k}", **tol["param"])
+    seen |= assert_params_after(case, dict(net.state_dict()), deformer_name, name, tol["param"])
     unchecked = set(case) - seen - {k for k in case if k.startswith("adam_exp_avg")}
     assert not unchecked, f"{name}: fixture keys this test does not check: {sorted(unchecked)}"
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from _parity import assert_close as _close, assert_labels as _labels, load_family
+from _parity import assert_close as _close, assert_grads, assert_labels as _labels, assert_params_after, load_family
 import synernet.toco_method  # noqa: F401  (registers the method and the preset)
 import synernet.dskd  # noqa: F401  (the DSKD presets built on the same step)
 from synernet.core import make_config
@@ -201,29 +201,18 @@ def replay(name, case, dtype):
     # learning rate each group used
     _close([g["lr"] for g in opt.param_groups], take("lr"), f"{name}/lr", **tol["lr"])
     # gradients
-    want_grads = {k[len("grad__"):]: v for k, v in case.items() if k.startswith("grad__")}
-    seen |= {"grad__" + k for k in want_grads}
-    for tn, g in want_grads.items():
-        ours = _ours(tn)
-        assert ours is not None and grads.get(ours) is not None, f"{name}: {tn} gets no gradient here"
-        _close(grads[ours], g, f"{name}/grad {tn}", **tol["grad"])
+    seen |= assert_grads(case, grads, _ours, name, tol["grad"], "ToCo")
     for tn in no_grad:
         ours = _ours(tn)
         assert ours is None or grads.get(ours) is None, f"{name}: {tn} gets a gradient here, not in ToCo"
-    extra = {k for k, g in grads.items() if g is not None} - {_ours(k) for k in want_grads}
-    assert not extra, f"{name}: gradients ToCo does not have: {sorted(extra)}"
     for k, g in enumerate(opt.param_groups):
         key = f"grad_norm_group{k}"
         if key in case:
             norm = torch.sqrt(sum((grads[pn].double() ** 2).sum() for pn in g["names"]))
             _close(norm, take(key), f"{name}/{key}", **tol["grad"])
     # parameters after the update, and the teacher head after its EMA
-    params = dict(net.state_dict())
-    for prefix in ("after__", "teacher_after__"):
-        for k in [k for k in case if k.startswith(prefix)]:
-            ours = _ours(k[len(prefix):])
-            assert ours in params, f"{name}: {k} has no counterpart"
-            _close(params[ours], take(k), f"{name}/{k}", **tol["param"])
+    seen |= assert_params_after(case, dict(net.state_dict()), _ours, name, tol["param"],
+                                ("after__", "teacher_after__"))
     unchecked = set(case) - seen
     assert not unchecked, f"{name}: fixture keys this test does not check: {sorted(unchecked)}"
 
