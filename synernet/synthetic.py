@@ -15,14 +15,15 @@ from .data import (IGNORE_INDEX, LABEL_FILE, SYNTHETIC_CLASSES, save_cls_labels,
 
 # %% auto #0
 __all__ = ['GENERATOR_VERSION', 'PART_HUES', 'CONTEXT_OF', 'P_CONTEXT_WITH', 'P_CONTEXT_WITHOUT', 'REGIONS', 'SIZE_RANGE',
-           'N_CLASSES_P', 'MAX_OBJECTS', 'BODY_AXIS', 'PART_RADIUS', 'DOT_FRACTION', 'CLASS_PARTS', 'hsv',
-           'smooth_noise', 'body_shape', 'body_radius', 'draw_background', 'draw_water', 'draw_rails', 'sample_body',
-           'body_colour', 'paint_body', 'part_shape', 'paint_part', 'small_shape', 'pole', 'boundary_band',
-           'render_sample', 'sample_name', 'render_split_item', 'generate_synthetic', 'synthetic_status',
-           'ensure_synthetic', 'split_stats', 'region_scores', 'oracle_predictions']
+           'N_CLASSES_P', 'MAX_OBJECTS', 'BODY_AXIS', 'PART_RADIUS', 'DOT_FRACTION', 'CLASS_PARTS', 'BODY_TEXTURES',
+           'CLASS_BODY', 'P_TYPICAL_BODY', 'P_LOOKALIKE', 'hsv', 'smooth_noise', 'body_shape', 'body_radius',
+           'draw_background', 'draw_water', 'draw_rails', 'sample_body', 'body_colour', 'body_look', 'paint_body',
+           'part_shape', 'paint_part', 'small_shape', 'pole', 'boundary_band', 'render_sample', 'sample_name',
+           'render_split_item', 'generate_synthetic', 'synthetic_status', 'ensure_synthetic', 'split_stats',
+           'appearance_cues', 'region_scores', 'oracle_predictions']
 
 # %% ../nbs/01a_synthetic.ipynb #399da9c0
-GENERATOR_VERSION = 2                                             # bump on any change of the images drawn
+GENERATOR_VERSION = 3                                             # bump on any change of the images drawn
 PART_HUES = dict(red=0.0, lime=0.25, cyan=0.5, violet=0.75)      # HSV hue, fraction of the circle
 CONTEXT_OF = {"violet_black": "water", "cyan_black": "rails"}      # class -> its correlated background pattern
 P_CONTEXT_WITH, P_CONTEXT_WITHOUT = 0.9, 0.06                    # P(pattern | class present), P(pattern | absent)
@@ -35,6 +36,11 @@ PART_RADIUS = (6.5, 9.0)                                          # part radius,
 DOT_FRACTION = 0.45                                               # centre dot radius / part radius
 
 CLASS_PARTS = {name: (PART_HUES[name.split("_")[0]], name.split("_")[1]) for name in SYNTHETIC_CLASSES[1:]}
+BODY_TEXTURES = ("plain", "speckle", "fine_stripes")
+# Each class's typical body look (v3): a hue family between the part hues, and one of the three textures.
+CLASS_BODY = {name: ((k + 0.5) / 8, BODY_TEXTURES[k % 3]) for k, name in enumerate(SYNTHETIC_CLASSES[1:])}
+P_TYPICAL_BODY = 0.7                                              # P(a body has its class's typical look)
+P_LOOKALIKE = 0.35                                                # P(a lone body has some class's typical look)
 
 # %% ../nbs/01a_synthetic.ipynb #69dba82c
 def hsv(h, s, v) -> np.ndarray: return np.array(colorsys.hsv_to_rgb(h % 1.0, s, v), np.float32)
@@ -130,15 +136,23 @@ def sample_body(rng, H, W):
                 phi=rng.uniform(0, np.pi), n=rng.uniform(2.0, 4.0),
                 wob=[(rng.uniform(-0.07, 0.07), rng.uniform(0, 6.3)) for _ in range(3)])
 
-def body_colour(rng, bg_mean) -> np.ndarray:
+def body_colour(rng, bg_mean, hue=None) -> np.ndarray:
+    "Generic: any hue, muted. Typical of a class (`hue` given): the class's hue family, a little more saturated."
     for _ in range(20):
-        c = hsv(rng.random(), rng.uniform(0.15, 0.45), rng.uniform(0.35, 0.9))
+        c = (hsv(rng.random(), rng.uniform(0.15, 0.45), rng.uniform(0.35, 0.9)) if hue is None else
+             hsv(hue + rng.normal(0, 0.025), rng.uniform(0.3, 0.55), rng.uniform(0.35, 0.9)))
         if np.abs(c - bg_mean).sum() > 0.35: return c
     return c
 
-def paint_body(rng, img, shape, colour):
+def body_look(rng, bg_mean, cls_name=None):
+    "(colour, texture) of a body: generic, or typical of class `cls_name` (its hue family and texture)."
+    if cls_name is None: return body_colour(rng, bg_mean), str(rng.choice(BODY_TEXTURES))
+    hue, tex = CLASS_BODY[cls_name]
+    return body_colour(rng, bg_mean, hue), tex
+
+def paint_body(rng, img, shape, colour, tex=None):
     H, W = shape.shape
-    tex = rng.choice(["plain", "speckle", "fine_stripes"])
+    tex = tex if tex is not None else rng.choice(BODY_TEXTURES)
     layer = colour[None, None] + 0.03 * smooth_noise(rng, H, W, 4)
     if tex == "speckle": layer = layer + rng.normal(0, 0.03, (H, W, 1)).astype(np.float32)
     elif tex == "fine_stripes":
@@ -209,11 +223,12 @@ def render_sample(rng: np.random.Generator, size=None):
         img[m] = hsv(rng.random(), rng.uniform(0, 0.4), rng.uniform(0.2, 0.9)); regions[m] = 1
     if rng.random() < 0.35:                                                  # a body without a part
         sh = sample_body(rng, H, W); sh["a"] *= 0.8; sh["b"] *= 0.8
-        m = body_shape(yy, xx, **sh); paint_body(rng, img, m, body_colour(rng, bg_mean)); regions[m] = 1
+        look = names[int(rng.integers(len(names)))] if rng.random() < P_LOOKALIKE else None   # a look-alike
+        m = body_shape(yy, xx, **sh); paint_body(rng, img, m, *body_look(rng, bg_mean, look)); regions[m] = 1
 
     label = np.zeros((H, W), np.uint8)
     owner = np.full((H, W), -1, np.int16)                                    # which object each pixel shows
-    placed, parts, areas = [], [], []
+    placed, parts, areas, typicals = [], [], [], []
     for c in objs:
         hue, dot = CLASS_PARTS[SYNTHETIC_CLASSES[c]]
         for _try in range(30):
@@ -236,7 +251,9 @@ def render_sample(rng: np.random.Generator, size=None):
                 if vis_part.sum() < 0.7 * pj.sum() or vis_obj.sum() < 0.4 * aj: ok = False; break
             if not ok: continue
             i = len(placed)
-            paint_body(rng, img, body, body_colour(rng, bg_mean))
+            typical = bool(rng.random() < P_TYPICAL_BODY)
+            paint_body(rng, img, body, *body_look(rng, bg_mean, SYNTHETIC_CLASSES[c] if typical else None))
+            typicals.append(typical)
             paint_part(rng, img, pm, dot_px, hue, dot)
             label[body] = c; owner[body] = i; regions[body] = 2; regions[pm] = 3
             placed.append(c); parts.append(pm); areas.append(int(body.sum()))
@@ -252,7 +269,7 @@ def render_sample(rng: np.random.Generator, size=None):
     mask[boundary_band(label)] = IGNORE_INDEX
     img = np.clip(img + rng.normal(0, 0.012, img.shape).astype(np.float32), 0, 1)
     vis = [int((owner == i).sum()) for i in range(len(placed))]
-    info = dict(size=(H, W), classes=sorted(set(placed)), objects=placed, contexts=contexts,
+    info = dict(size=(H, W), classes=sorted(set(placed)), objects=placed, contexts=contexts, typical_body=typicals,
                 object_area=vis, part_area=[int((p & (owner == i)).sum()) for i, p in enumerate(parts)])
     return (img * 255 + 0.5).astype(np.uint8), mask, regions, info
 
@@ -365,6 +382,53 @@ def split_stats(seed: int = 0, split: str = "val", n: int = 200) -> dict:
             s["with_class" if has else "without_class"] += int(cx in inf["contexts"])
     return dict(counts=counts, cooccurrence=cooc, classes_per_image=np.bincount(n_cls, minlength=4)[1:],
                 object_fraction=np.array(obj_frac), part_fraction=np.array(part_frac), context=ctx, n=n)
+
+# %% ../nbs/01a_synthetic.ipynb #9b3606ad
+def _region_stats(img: np.ndarray, sel: np.ndarray) -> np.ndarray:
+    px = img[sel]
+    return np.concatenate([px.mean(0), px.std(0)])
+
+def appearance_cues(seed: int = 0, n_train: int = 300, n_val: int = 150, offset: int = 3,
+                    render=None) -> dict:
+    """Model-free realism statistics of the set (see the notebook): class evidence of a body alone and of a part alone
+    (validation accuracy of a logistic regression on mean/std RGB), and how often an outline is an appearance edge.
+    `render(seed, split, i) -> (img, mask, regions, info)` defaults to this generator's `render_split_item`."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    render = render or render_split_item
+    feats, across, within = {}, [], []
+    for split, n in (("train", n_train), ("val", n_val)):
+        F, Y = {"body": [], "part": []}, []
+        for i in range(n):
+            img, m, r, info = render(seed, split, i)
+            img = img.astype(np.float32) / 255
+            for c in info["classes"]:
+                b, p = (m == c) & (r == REGIONS.index("body")), (m == c) & (r == REGIONS.index("part"))
+                if b.sum() < 30 or p.sum() < 10: continue
+                F["body"].append(_region_stats(img, b)); F["part"].append(_region_stats(img, p)); Y.append(c)
+            if split != "val": continue
+            for sl_a, sl_b in (((slice(None, -offset),), (slice(offset, None),)),
+                               ((slice(None), slice(None, -offset)), (slice(None), slice(offset, None)))):
+                a, b = m[sl_a], m[sl_b]
+                d = np.abs(img[sl_a] - img[sl_b]).sum(-1)
+                ok = (a != IGNORE_INDEX) & (b != IGNORE_INDEX)
+                across.append(d[ok & ((a > 0) != (b > 0))])
+                body = REGIONS.index("body")
+                within.append(d[ok & (a > 0) & (a == b) & (r[sl_a] == body) & (r[sl_b] == body)])
+        feats[split] = ({k: np.array(v) for k, v in F.items()}, np.array(Y))
+    out = {}
+    for k in ("body", "part"):
+        clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(feats["train"][0][k],
+                                                                                   feats["train"][1])
+        out[f"{k}_class_acc"] = float((clf.predict(feats["val"][0][k]) == feats["val"][1]).mean())
+    a, w = np.concatenate(across), np.concatenate(within)
+    out["edge_auc"] = float(roc_auc_score(np.r_[np.ones(len(a)), np.zeros(len(w))], np.r_[a, w]))
+    out["edge_frac"] = float((a > np.median(w)).mean())
+    y = feats["val"][1]
+    out["chance"], out["n_val_objects"] = float(np.bincount(y).max() / len(y)), int(len(y))
+    return out
 
 # %% ../nbs/01a_synthetic.ipynb #103f7141
 def region_scores(pred: np.ndarray, mask: np.ndarray, regions: np.ndarray) -> dict:

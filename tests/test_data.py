@@ -518,7 +518,8 @@ def test_synthetic_root_generation_and_marker(tmp_path, monkeypatch):
 
 
 def test_synthetic_design_has_the_two_failure_modes():
-    """CAM-free checks of the design: the part names the class, the body does not; context predicts its class."""
+    """CAM-free checks of the design: the part names the class, the body only hints at it (generator v3: a typical
+    class look 70 % of the time); context predicts its class."""
     from synernet.synthetic import CONTEXT_OF, REGIONS, render_split_item
     from synernet.data import SYNTHETIC_CLASSES
     C = 8
@@ -544,7 +545,8 @@ def test_synthetic_design_has_the_two_failure_modes():
         within = np.mean([((g - g.mean(0)) ** 2).sum(1).mean() for g in groups])
         return between / within
 
-    assert separability(part_rgb) > 1.0 > 0.1 > separability(body_rgb)
+    sp, sb = separability(part_rgb), separability(body_rgb)
+    assert sp > 1.0 and 0.1 < sb < 0.5 * sp, (sp, sb)
     assert 0.05 < np.median(part_frac) < 0.25
     for cname, (w, nw, wo, nwo) in ctx.items():
         assert w / nw > 0.7 and wo / nwo < 0.15, (cname, w / nw, wo / nwo)
