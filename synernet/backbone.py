@@ -20,8 +20,8 @@ from .core import RUN_FACTS, ConfigError, config_keys, extend_preset
 # %% auto #0
 __all__ = ['DEMO_ARCHS', 'PAPER_BACKBONE', 'ARCH_KEYS', 'demo_weights', 'arch_overrides', 'WeightsUnavailableError',
            'cached_weights', 'check_hub_reachable', 'build_vit', 'file_sha256', 'card_sha256', 'encoder_weights',
-           'resolve_block', 'to2d', 'BackboneOut', 'resize_pos_embed', 'ViTBackbone', 'build_backbone',
-           'backbone_from_config']
+           'resolve_block', 'to2d', 'BackboneOut', 'resize_pos_embed', 'head_mean_attention', 'ViTBackbone',
+           'build_backbone', 'backbone_from_config']
 
 # %% ../nbs/02_backbone.ipynb #7337e750
 DEMO_ARCHS = {
@@ -263,7 +263,8 @@ class BackboneOut:
     tokens: torch.Tensor              # [B, N, D]    patch tokens after the final LayerNorm
     hw: tuple[int, int]               # token grid (h, w), N = h*w, row-major
     blocks: dict                      # block index -> [B, N, D] pre-LayerNorm patch tokens (block output)
-    attn: dict                        # block index -> [B, heads, N+1, N+1] softmax attention (row = query)
+    attn: dict                        # block index -> [B, heads, N+1, N+1] softmax attention (row = query);
+                                      # with attn_mean=True its head mean [B, 1, N+1, N+1], without gradient
     depth: int
 
     def block(self, i: int) -> torch.Tensor:
@@ -287,13 +288,41 @@ def resize_pos_embed(pos_grid: torch.Tensor, hw: tuple[int, int]) -> torch.Tenso
     p = F.interpolate(pos_grid.permute(0, 3, 1, 2), size=hw, mode="bicubic", align_corners=False)
     return p.permute(0, 2, 3, 1).flatten(1, 2)
 
-def _attention(m: _TimmAttention, x: torch.Tensor, keep: bool, training: bool):
-    "timm Attention's computation with our choice of path: explicit softmax (kept) or fused SDPA."
+def head_mean_attention(q: torch.Tensor, k: torch.Tensor, scale: float, v: torch.Tensor | None = None,
+                        rows: int = 256):
+    """(head-averaged softmax attention [B, 1, N, N] in at least float32, `A @ v` [B, heads, N, d] or None), without
+    gradient, one image, head and block of `rows` query rows at a time (on CPU; elsewhere one image and head at a
+    time): each row's values are those of the explicit `((q * scale) @ k^T).softmax(-1)`, but no [B, heads, N, N]
+    tensor is materialised."""
+    B, H, N, _ = q.shape
+    rows = int(rows) if q.device.type == "cpu" else N
+    with torch.no_grad():
+        acc = torch.zeros(B, 1, N, N, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
+        o = torch.empty_like(q) if v is not None else None
+        qs, kt = q * scale, k.transpose(-2, -1)
+        for b in range(B):
+            for h in range(H):
+                for r in range(0, N, rows):
+                    p = (qs[b, h, r:r + rows] @ kt[b, h]).softmax(dim=-1)
+                    if o is not None: o[b, h, r:r + rows] = p @ v[b, h]
+                    acc[b, 0, r:r + rows] += p
+        return acc / H, o
+
+def _attention(m: _TimmAttention, x: torch.Tensor, keep: bool, training: bool, mean: bool = False):
+    """timm Attention's computation with our choice of path: explicit softmax (kept), fused SDPA, or (`keep` and
+    `mean`) the head-averaged attention without gradient (`head_mean_attention`): under no_grad its rows also give
+    the block output; with gradient the output takes the fused path and the mean is computed beside it."""
     B, N, _ = x.shape
     q, k, v = m.qkv(x).reshape(B, N, 3, m.num_heads, m.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = m.q_norm(q), m.k_norm(k)
     a = None
-    if keep:
+    if keep and mean and not (training and m.attn_drop.p > 0):
+        if torch.is_grad_enabled():
+            o = F.scaled_dot_product_attention(q, k, v)
+            a, _ = head_mean_attention(q.detach(), k.detach(), m.scale)
+        else:
+            a, o = head_mean_attention(q, k, m.scale, v)
+    elif keep:
         a = ((q * m.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
         o = m.attn_drop(a) @ v
     else:
@@ -325,7 +354,8 @@ class ViTBackbone(nn.Module):
         grid = self.pos_embed[:, 1:].reshape(1, *self.grid, D)
         return torch.cat([self.pos_embed[:, :1], resize_pos_embed(grid, hw)], dim=1)
 
-    def forward(self, x: torch.Tensor, aux_blocks=(), attn_blocks=()) -> BackboneOut:
+    def forward(self, x: torch.Tensor, aux_blocks=(), attn_blocks=(), attn_mean: bool = False) -> BackboneOut:
+        "`attn_mean`: record the head-averaged attention of `attn_blocks` ([B, 1, N+1, N+1], no gradient) instead."
         if x.ndim != 4 or x.shape[1] != self.patch_embed.proj.in_channels:
             raise ValueError(f"expected images [B, {self.patch_embed.proj.in_channels}, H, W], got {tuple(x.shape)}")
         if x.shape[2] < self.patch_size[0] or x.shape[3] < self.patch_size[1]:
@@ -339,7 +369,7 @@ class ViTBackbone(nn.Module):
         z = self.pos_drop(z)
         toks, atts = {}, {}
         for i, blk in enumerate(self.blocks):
-            y, a = _attention(blk.attn, blk.norm1(z), i in keep_att, self.training)
+            y, a = _attention(blk.attn, blk.norm1(z), i in keep_att, self.training, attn_mean)
             z = z + blk.drop_path1(blk.ls1(y))
             z = z + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(z))))
             if i in keep_tok: toks[i] = z[:, 1:]

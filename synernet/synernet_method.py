@@ -40,6 +40,8 @@ config_keys("synernet",
     w_proto=(0.05, "weight of the instance-prototype contrast (proto_contrast)", _nonneg),
     proto_start=(3001, "first iteration with the instance-prototype contrast (code variant: n > 3000)", _nonneg),
     w_seg_fuse=(0.1, "weight of the training-time fusion loss (fusion_in_training)", _nonneg),
+    bcam_attn_mean=(True, "B-CAM reads the head-averaged attention computed a block of rows at a time without "
+                          "gradient (same values up to float rounding; False: every head's attention materialised)"),
 )
 
 # %% ../nbs/16_synernet.ipynb #cee680fe
@@ -65,14 +67,15 @@ class SynerNet(nn.Module):
         if k not in ("b", "p"): raise ValueError(f"branch must be 'b' or 'p', got {k!r}")
         return self.b if k == "b" else self.p
 
-    def encode(self, k: str, x, extra_blocks=(), attn_blocks=()):
-        "Encoder pass of branch `k`, recording its aux block plus `extra_blocks` (0-based) and `attn_blocks`."
+    def encode(self, k: str, x, extra_blocks=(), attn_blocks=(), attn_mean: bool = False):
+        """Encoder pass of branch `k`, recording its aux block plus `extra_blocks` (0-based) and `attn_blocks` (their
+        head-averaged attention without gradient if `attn_mean`)."""
         net = self.branch(k)
-        return net.backbone(x, aux_blocks=(net.aux_layer, *extra_blocks), attn_blocks=attn_blocks)
+        return net.backbone(x, aux_blocks=(net.aux_layer, *extra_blocks), attn_blocks=attn_blocks, attn_mean=attn_mean)
 
-    def encode_both(self, x, extra_blocks=(), attn_blocks_b=()):
+    def encode_both(self, x, extra_blocks=(), attn_blocks_b=(), attn_mean: bool = False):
         "(enc_b, enc_p): two passes, or one (the same object twice) with a shared encoder."
-        eb = self.encode("b", x, extra_blocks, attn_blocks_b)
+        eb = self.encode("b", x, extra_blocks, attn_blocks_b, attn_mean)
         return eb, (eb if self.shared else self.encode("p", x, extra_blocks))
 
     def features(self, k: str, enc) -> torch.Tensor:
@@ -92,10 +95,16 @@ class SynerNet(nn.Module):
         cls, cls_aux = net.classify(feat, aux)
         return ToCoOut(cls, cls_aux, net.decoder(feat) if with_seg else None, feat, aux, enc)
 
-    def cams(self, x, bcam: bool = False, attn_layers: int = 4, power: int = 2, feats: dict | None = None):
-        "Raw CAMs (cam_b, aux_b, cam_p, aux_p) [B,C,h,w]; cam_b is the B-CAM when `bcam`. `feats` receives b, p features."
+    def cams(self, x, bcam: bool = False, attn_layers: int = 4, power: int = 2, feats: dict | None = None,
+             attn_mean: bool = False):
+        """Raw CAMs (cam_b, aux_b, cam_p, aux_p) [B,C,h,w]; cam_b is the B-CAM when `bcam` (from the head-averaged
+        attention if `attn_mean`). `feats` receives b, p features."""
         attn = tuple(range(-int(attn_layers), 0)) if bcam else ()
-        eb, ep = self.encode_both(x, attn_blocks_b=attn)
+        eb, ep = self.encode_both(x, attn_blocks_b=attn, attn_mean=attn_mean)
+        return self.cams_of(eb, ep, bcam, power, feats)
+
+    def cams_of(self, eb, ep, bcam: bool = False, power: int = 2, feats: dict | None = None):
+        "`cams` from the encoder passes `eb`, `ep` (B's with the attention of its last blocks when `bcam`)."
         fb, fp = self.features("b", eb), self.features("p", ep)
         if feats is not None: feats.update(b=fb, p=fp)
         cb, ab = self.b.cam_logits(fb, to2d(eb.blocks[self.b.aux_layer], eb.hw))
@@ -139,13 +148,16 @@ def load_deformer_state_dict(net: SynerNet, sd: dict) -> list[str]:
 
 # %% ../nbs/16_synernet.ipynb #ef37be7c
 def synernet_forward(model: SynerNet, x, with_seg: bool = True, tokens: bool = False, sbce: bool = False,
-                     inst=None, conf_layers=None) -> dict:
-    "Both branches on `x` (+ P's CAM logits, class tokens, instance projections, detached layer features on demand)."
+                     inst=None, conf_layers=None, raw_cams: tuple | None = None) -> dict:
+    """Both branches on `x` (+ P's CAM logits, class tokens, instance projections, detached layer features on demand).
+    `raw_cams` = (bcam, attn_layers, power, attn_mean): also `SynerNet.cams(x, ...)` of this forward, without gradient
+    (key `raw_cams`; the step's CAM pass then reuses it)."""
     extra = ()
     if conf_layers is not None:
         depth = model.b.backbone.depth
         extra = tuple(j for j in resolve_layers(conf_layers, depth) if j != depth - 1)
-    eb, ep = model.encode_both(x, extra)
+    attn = tuple(range(-int(raw_cams[1]), 0)) if raw_cams is not None and raw_cams[0] else ()
+    eb, ep = model.encode_both(x, extra, attn, bool(raw_cams is not None and raw_cams[3]))
     res = dict(b=model.branch_out("b", eb, with_seg), p=model.branch_out("p", ep, with_seg))
     if tokens: res["tok"] = (model.class_token("b", eb), model.class_token("p", ep))
     if sbce: res["z_p"] = model.p.cam_logits(res["p"].feat)
@@ -154,6 +166,8 @@ def synernet_forward(model: SynerNet, x, with_seg: bool = True, tokens: bool = F
                             for k, im in zip("bp", inst))
     if conf_layers is not None:
         res["conf_feats"] = layer_features(eb, conf_layers) + layer_features(ep, conf_layers)
+    if raw_cams is not None:
+        with torch.no_grad(): res["raw_cams"] = model.cams_of(eb, ep, raw_cams[0], raw_cams[2])
     for k in "bp": res[k].backbone = None      # the encoder record is not an output of the step
     return res
 
@@ -208,7 +222,7 @@ class SynerNetMethod(Method):
 
     def cam_fn(self, x):
         c = self.cfg
-        return self.core.cams(x, c.bcam_attn_prop, c.bcam_attn_layers, c.bcam_power)
+        return self.core.cams(x, c.bcam_attn_prop, c.bcam_attn_layers, c.bcam_power, attn_mean=c.bcam_attn_mean)
 
     # the host side of the mechanisms (synernet.mechanisms): branches 'b' and 'p'
     def mech_branches(self, net=None) -> dict:
@@ -226,7 +240,8 @@ class SynerNetMethod(Method):
     def mech_cams(self, x):
         "`cam_fn(x)` and the branch features it came from (one pass per encoder)."
         c, feats = self.cfg, {}
-        return self.core.cams(x, c.bcam_attn_prop, c.bcam_attn_layers, c.bcam_power, feats=feats), feats
+        return self.core.cams(x, c.bcam_attn_prop, c.bcam_attn_layers, c.bcam_power, feats=feats,
+                              attn_mean=c.bcam_attn_mean), feats
 
     def pseudo_labels(self, img, cam_b, cam_p, y, box):
         "(Y_B, Y_P): the refined labels of the mixed CAMs with the configured band resolutions."
@@ -243,15 +258,21 @@ class SynerNetMethod(Method):
         S = Step(self, x, y, box, n, w) if self.mechs else None
         need_cam = any(w[k] for k in ("ptc_b", "ptc_p", "seg_b", "seg_p", "sbce", "proto", "seg_fuse"))
         need_cam = need_cam or (S is not None and S.need_ms)
-        if need_cam:
-            M_b, A_b, M_p, A_p = S.ms_pass(x, c.cam_scales) if S else multi_scale_cam(self.cam_fn, x, c.cam_scales)
+        need_seg = bool(w["seg_b"] or w["seg_p"] or w["seg_fuse"])
+        # the CAM pass reuses the forward's own scale-1.0 CAMs unless the forward needs the CAMs (instance images)
+        reuse = bool(need_cam and S is None and c.cam_reuse_forward and not w["proto"])
+        def cam_pass(given=None):
+            M_b, A_b, M_p, A_p = (S.ms_pass(x, c.cam_scales) if S else
+                                  multi_scale_cam(self.cam_fn, x, c.cam_scales, given=given))
             if S: S.cams = dict(b=M_b, p=M_p)
             self.record(cam_b=M_b, cam_aux_b=A_b, cam_p=M_p, cam_aux_p=A_p)
-        need_seg = bool(w["seg_b"] or w["seg_p"] or w["seg_fuse"])
-        if need_seg:
-            lc = S.label_cams(dict(b=M_b, p=M_p)) if S else dict(b=M_b, p=M_p)
-            Y_B, Y_P = self.pseudo_labels(x, lc["b"], lc["p"], y, box)
-            self.record(seg_labels_b=Y_B, seg_labels_p=Y_P)
+            Y_B = Y_P = None
+            if need_seg:
+                lc = S.label_cams(dict(b=M_b, p=M_p)) if S else dict(b=M_b, p=M_p)
+                Y_B, Y_P = self.pseudo_labels(x, lc["b"], lc["p"], y, box)
+                self.record(seg_labels_b=Y_B, seg_labels_p=Y_P)
+            return M_b, A_b, M_p, A_p, Y_B, Y_P
+        if need_cam and not reuse: M_b, A_b, M_p, A_p, Y_B, Y_P = cam_pass()
         inst = icls = None
         if w["proto"]:
             mixed = refine_cams_with_bkg(self.par, denormalize(x), valid_cam(0.5 * (M_b + M_p), y), y, box,
@@ -261,8 +282,10 @@ class SynerNetMethod(Method):
         proto_conf = bool(w["seg_fuse"]) and c.conf_mode == "proto"
         fwd = (x, need_seg or (S is not None and S.need_seg), bool(w["csim"]), bool(w["sbce"]), inst,
                c.conf_layers if proto_conf else None)
-        if S is None: res = self.modules["net"](synernet_forward, *fwd)
+        raw = (c.bcam_attn_prop, c.bcam_attn_layers, c.bcam_power, c.bcam_attn_mean) if reuse else None
+        if S is None: res = self.modules["net"](synernet_forward, *fwd, raw_cams=raw)
         else: res, ext = self.modules["net"](mech_forward, S, synernet_forward, *fwd)
+        if reuse: M_b, A_b, M_p, A_p, Y_B, Y_P = cam_pass(given=res.pop("raw_cams"))
         ob, op = res["b"], res["p"]
         for k, o in (("b", ob), ("p", op)):
             self.record(**{f"cls_logits_{k}": o.cls_logits, f"cls_aux_logits_{k}": o.cls_aux_logits, f"feat_{k}": o.feat})
@@ -322,7 +345,7 @@ class SynerNetMethod(Method):
         extra = tuple(j for j in resolve_layers(c.conf_layers, self.depth) if j != self.depth - 1) \
             if need_conf and c.conf_mode == "proto" else ()
         attn = tuple(range(-c.bcam_attn_layers, 0)) if need_conf and c.conf_mode == "cam" and c.bcam_attn_prop else ()
-        eb, ep = m.encode_both(img, extra, attn)
+        eb, ep = m.encode_both(img, extra, attn, c.bcam_attn_mean)
         ob, op = m.branch_out("b", eb), m.branch_out("p", ep)
         l_b, l_p = ob.seg.float(), op.seg.float()
         broad = "p" if c.cross_supervision else "b"
@@ -376,7 +399,7 @@ class SynerNetMethod(Method):
         out["fused_pseudo_label"] = (near(fusion_labels(Y_B, Y_P, tconf)), True)
         self._eval_keep = dict(conf=pr["conf"], seg=out["seg"][0], images=len(img))
         if c.bcam_attn_prop:             # how global B's attention is: 1 = every token attends uniformly to all
-            eb = self.core.encode("b", img, attn_blocks=tuple(range(-c.bcam_attn_layers, 0)))
+            eb = self.core.encode("b", img, attn_blocks=tuple(range(-c.bcam_attn_layers, 0)), attn_mean=c.bcam_attn_mean)
             A = attention_affinity([eb.attn[i] for i in sorted(eb.attn)]).double()
             H = -(A.clamp_min(1e-30).log() * A).sum(-1) / math.log(A.shape[-1])
             self._eval_keep["affinity_entropy"] = float(H.mean(-1).sum())

@@ -369,6 +369,8 @@ PATCH = int(HP.get("patch_size", 16))          # a 4x4 token grid: 16 tokens, to
 def _step_with_cams(compat, make_cam, n_of, H=None, extra=None, y=None, seed=0):
     torch.manual_seed(seed)
     H = H or 4 * PATCH
+    # the whole CAM pass is the crafted one: not the forward's own scale-1.0 CAMs (cam_reuse_forward)
+    extra = dict(extra or {}, cam_reuse_forward=False)
     cfg, method = build(torch.float64, extra=extra, check=False, compat=compat, weights=False)
     C = method.core.num_classes
 
