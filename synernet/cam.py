@@ -115,7 +115,8 @@ def _minmax(a: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
 def multi_scale_cam(cam_fn: Callable, x: torch.Tensor, scales: Sequence[float] = (1.0, 0.5, 1.5), given=None):
     """Flip- and scale-fused CAMs at input size, min-max normalised per (image, class). Same structure as `cam_fn(x)`.
     `given`: `cam_fn(x)` already computed elsewhere (the training forward's raw CAMs of the unflipped scale-1.0 image,
-    detached); only the mirror is then encoded at scale 1.0."""
+    detached); only the mirror is then encoded at scale 1.0. A `given` of 2B rows is the whole scale-1.0 output,
+    `cam_fn(cat([x, x.flip(-1)]))`, and nothing is encoded at scale 1.0."""
     if x.ndim != 4: raise ValueError(f"x must be [B,3,H,W], got shape {tuple(x.shape)}")
     scales = [float(s) for s in scales]
     if not scales or any(s <= 0 for s in scales): raise ValueError(f"scales must be positive, got {scales}")
@@ -127,7 +128,10 @@ def multi_scale_cam(cam_fn: Callable, x: torch.Tensor, scales: Sequence[float] =
             size = (int(s * H), int(s * W))
             if min(size) < 1: raise ValueError(f"scale {s} turns the {H}x{W} input into an empty {size} image")
             xs = x if s == 1.0 else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-            if s == 1.0 and given is not None:        # reuse the unflipped half: encode the mirror only
+            g0 = (given if given is None or torch.is_tensor(given) else given[0])
+            if s == 1.0 and g0 is not None and g0.shape[0] == 2 * B:      # reuse both halves
+                out = given.detach() if torch.is_tensor(given) else tuple(g.detach() for g in given)
+            elif s == 1.0 and given is not None:      # reuse the unflipped half: encode the mirror only
                 mirror = cam_fn(xs.flip(-1))
                 out = (torch.cat([given.detach(), mirror]) if torch.is_tensor(mirror) else
                        tuple(torch.cat([g.detach(), m]) for g, m in zip(given, mirror)))

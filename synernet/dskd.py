@@ -194,8 +194,10 @@ class DSKDPlan:
     student_feat: bool = False      # student final tokens (for student-CAM pseudo-labels)
     view_swap: bool = False
 
-def dskd_forward(net: DSKDNet, x: torch.Tensor, plan: DSKDPlan) -> dict:
-    "Teacher (and student) outputs of one step; see `DSKDPlan`."
+def dskd_forward(net: DSKDNet, x: torch.Tensor, plan: DSKDPlan, teacher_cams=None) -> dict:
+    """Teacher (and student) outputs of one step; see `DSKDPlan`. `teacher_cams(raw)`, if given, is called with the
+    teacher's raw (cam, cam_aux) of the images it encoded (no gradient; `[x, mirror]`, or `x` alone with `view_swap`)
+    and returns the ROI of L_PUNC (the step's CAM pass then reuses them)."""
     T, S = net.teacher, net.student
     B = x.shape[0]
     xf = x.flip(-1)
@@ -203,6 +205,9 @@ def dskd_forward(net: DSKDNet, x: torch.Tensor, plan: DSKDPlan) -> dict:
     sim_l = sorted({int(l) % depth for l in plan.sim_layers}) if plan.sim else []
     enc = T.net.backbone(x if plan.view_swap else torch.cat([x, xf]), aux_blocks=(T.net.aux_layer, *sim_l))
     hw = enc.hw
+    if teacher_cams is not None:
+        with torch.no_grad(): raw = T.net.cam_logits(enc.feat(), to2d(enc.blocks[T.net.aux_layer], hw))
+        plan = dataclasses.replace(plan, punc_roi=teacher_cams(raw))
     feat, aux_feat = to2d(enc.tokens[:B], hw), to2d(enc.blocks[T.net.aux_layer][:B], hw)
     cls, cls_aux = T.net.classify(feat, aux_feat)
     out = dict(cls=cls, cls_aux=cls_aux, feat=feat, aux_feat=aux_feat, hw=hw)
@@ -289,9 +294,10 @@ class DSKDMethod(Method):
                     seg=c.w_seg if n >= c.seg_start else 0.0)
 
     # ------------------------------------------------------------------ pseudo-labels
-    def label_cams(self, img, need_student=False):
-        "(cam, cam_aux) of the teacher and, if asked, the student's final CAM; multi-scale, no gradient."
-        cam, cam_aux = multi_scale_cam(self.teacher.net.cams, img, self.cfg.cam_scales)
+    def label_cams(self, img, need_student=False, given=None):
+        """(cam, cam_aux) of the teacher and, if asked, the student's final CAM; multi-scale, no gradient. `given`: the
+        teacher's raw scale-1.0 CAMs from the training forward (see `multi_scale_cam`)."""
+        cam, cam_aux = multi_scale_cam(self.teacher.net.cams, img, self.cfg.cam_scales, given=given)
         cam_s = multi_scale_cam(self.pair.student.cams, img, self.cfg.cam_scales) if need_student else None
         return cam, cam_aux, cam_s
 
@@ -341,19 +347,25 @@ class DSKDMethod(Method):
         a = self.stage_a(n)
         need_cam = bool(w["ptc"] or w["punc"] or w["seg"])
         student_cam = w["seg"] and c.dskd_label_cam == "student_final"
-        if need_cam: cam, cam_aux, cam_s = self.label_cams(x, student_cam)
+        reuse = bool(need_cam and c.cam_reuse_forward)    # the teacher's forward encodes x and its mirror at scale 1.0
         hw = (x.shape[-2] // self.patch, x.shape[-1] // self.patch)
-        roi = None
-        if w["punc"]:
-            src = cam_aux if c.punc_roi_cam == "aux" else cam
-            if c.punc_roi_res == "token":
-                roi = punc_roi(src, y, hw, box, c.punc_low, c.punc_high, self.patch)
-            else:
-                roi = punc_roi(src, y, x.shape[-2:], box, c.punc_low, c.punc_high)
+        st = dict(roi=None)
+        def cam_pass(given=None):
+            "The CAM pass (with the forward's raw teacher CAMs when reused) and the ROI of L_PUNC."
+            st["cam"], st["cam_aux"], st["cam_s"] = self.label_cams(x, student_cam, given)
+            if w["punc"]:
+                src = st["cam_aux"] if c.punc_roi_cam == "aux" else st["cam"]
+                if c.punc_roi_res == "token":
+                    st["roi"] = punc_roi(src, y, hw, box, c.punc_low, c.punc_high, self.patch)
+                else:
+                    st["roi"] = punc_roi(src, y, x.shape[-2:], box, c.punc_low, c.punc_high)
+            return st["roi"]
+        if need_cam and not reuse: cam_pass()
         plan = DSKDPlan(student_grad=a, sim=bool(w["sim"]), sim_layers=tuple(c.sim_layers), sim_reduce=c.sim_reduce,
-                        student_tok=a, seg=bool(w["seg"]), punc_roi=roi, student_feat=bool(student_cam),
+                        student_tok=a, seg=bool(w["seg"]), punc_roi=st["roi"], student_feat=bool(student_cam),
                         view_swap=c.dskd_view_swap)
-        out = self.modules["net"](dskd_forward, x, plan)
+        out = self.modules["net"](dskd_forward, x, plan, teacher_cams=cam_pass if reuse else None)
+        cam, cam_aux, cam_s, roi = st.get("cam"), st.get("cam_aux"), st.get("cam_s"), st["roi"]
         L = dict(cls=cls_loss(out["cls"], y), aux=cls_loss(out["cls_aux"], y), tok=cls_loss(out["tok_t"], y))
         if "tok_s" in out: L["tok"] = L["tok"] + cls_loss(out["tok_s"], y)
         if w["sim"]: L["sim"] = out["sim"]

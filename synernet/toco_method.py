@@ -36,8 +36,8 @@ config_keys("toco",
     seg_label_final_start=(0, "first iteration whose pseudo-labels come from the final CAM; before it, from the "
                               "auxiliary CAM (ToCo COCO: 12001)", _nonneg),
     cam_reuse_forward=(True, "the CAM pass reuses the training forward's scale-1.0 CAM of the unflipped image instead "
-                             "of encoding it again (toco, synernet; same values up to float rounding; False: the "
-                             "original order)"),
+                             "of encoding it again (toco, synernet, dskd; same values up to float rounding; False: "
+                             "the original order)"),
 )
 
 # %% ../nbs/10_toco_method.ipynb #5aa565c7

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import synernet.synernet_method as sm
+from synernet.dskd import DSKDMethod
 from synernet.backbone import build_backbone, head_mean_attention
 from synernet.core import make_config
 from synernet.data import dataset_info
@@ -21,11 +22,11 @@ from synernet.learner import train_iteration
 ALL_ON = dict(seg_start=0, sbce_start=0, contrast_start=0, cam_scales=(1.0, 0.5, 1.5), pretrained=True)
 
 
-def _step(preset, **flags):
+def _step(preset, method=sm.SynerNetMethod, **flags):
     "One training iteration of `preset` from seed-0 weights on a fixed batch: (losses, gradients, trace)."
-    cfg = make_config(preset, **ALL_ON, **flags)
+    cfg = make_config(preset, **{**ALL_ON, **flags})
     torch.manual_seed(0)
-    meth = sm.SynerNetMethod(cfg, dataset_info(cfg), torch.device("cpu"))
+    meth = method(cfg, dataset_info(cfg), torch.device("cpu"))
     g = torch.Generator().manual_seed(1)
     B, H = 2, 64
     batch = dict(img=torch.randn(B, 3, H, H, generator=g), cls_label=torch.tensor([[1., 0, 1, 0, 0, 0, 0, 0],
@@ -34,7 +35,7 @@ def _step(preset, **flags):
     meth.trace, grads = {}, {}
     optims = meth.configure_optimizers()
     losses, _, _ = train_iteration(meth, optims, batch, 0, on_backward=lambda m: grads.update(
-        {k: p.grad.clone() for k, p in m.core.named_parameters() if p.grad is not None}))
+        {k: p.grad.clone() for k, p in m.modules["net"].named_parameters() if p.grad is not None}))
     return losses, grads, meth.trace
 
 
@@ -58,6 +59,21 @@ def test_speedup_changes_no_loss_or_gradient(preset, flags):
         np.testing.assert_allclose(t1[k].numpy(), t0[k].numpy(), atol=1e-4, err_msg=k)
     for k in ("seg_labels_b", "seg_labels_p", "token_labels_b", "token_labels_p"):
         assert (t1[k] != t0[k]).float().mean() <= 0.001, k
+
+
+@pytest.mark.parametrize("flags", [dict(dskd_warmup=10), dict(dskd_warmup=0), dict(dskd_warmup=0, dskd_view_swap=True),
+                                   dict(dskd_warmup=10, dskd_label_cam="student_final")])
+def test_dskd_cam_reuse_changes_no_loss_or_gradient(flags):
+    """fp32, DSKD + GC in stage A (student trained) and B (L_PUNC on an ROI of the CAMs), with the view swap and with
+    student pseudo-labels: the teacher's CAM pass reusing the forward's scale-1.0 CAMs (both halves; the image alone
+    with the view swap) gives the same losses, labels and gradients."""
+    l1, g1, t1 = _step("dskd_gc", DSKDMethod, seg_start=0, cam_reuse_forward=True, **flags)
+    l0, g0, t0 = _step("dskd_gc", DSKDMethod, seg_start=0, cam_reuse_forward=False, **flags)
+    assert set(l1) == set(l0) and set(g1) == set(g0) and len(g0) > 0
+    for k in l0:
+        np.testing.assert_allclose(l1[k].item(), l0[k].item(), rtol=1e-4, atol=1e-6, err_msg=k)
+    for k in g0:
+        np.testing.assert_allclose(g1[k].numpy(), g0[k].numpy(), rtol=1e-3, atol=1e-6, err_msg=f"grad {k}")
 
 
 def test_head_mean_attention_is_the_explicit_mean():
