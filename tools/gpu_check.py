@@ -83,6 +83,8 @@ def _learner(preset, dry, d, **kw):
     from synernet.learner import Learner
     from profile_step import ALWAYS_ON
     from synernet.core import CONFIG_KEYS
+    from synernet.train import import_methods
+    import_methods()              # the methods' keys exist only once their modules load (else ALWAYS_ON is dropped)
     base = dict(preset=preset, dataset="synthetic", out_dir=d, max_iters=10, progress=False, eval_every=0,
                 ckpt_every=0, final_eval="none", seg_loss_nan_guard=True, seed=0)
     base.update({k: v for k, v in ALWAYS_ON.items() if k in CONFIG_KEYS})   # every loss on from the first step

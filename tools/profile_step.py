@@ -15,6 +15,15 @@ Every loss is switched on from the first iteration (`seg_start=0`, ...) so that 
 
 Writes `reports/benchmark_<device>.json` (key `profile`; other keys of the file are kept) and the stacked-bar figure
 `reports/fig_step_profile_<device>.png`.
+
+Before/after in one run: `--variant NAME:key=value,key=value` (repeatable) runs every (preset, scale) once per variant,
+e.g. `--variant before:cam_reuse_forward=false,bcam_attn_mean=false --variant after:` (a key a preset does not read
+changes nothing there).
+
+The floor: each process also times the machine's matrix products (torch.matmul, fp32, the same threads) after the
+step, a ViT-B MLP product at paper scale (3530 x 768 by 768 x 3072: two 448 images at scale 1.5, 1765 tokens each) and
+a 4096^3 product; with `--flops` each row then gets its achieved GFLOP/s and the lower bound FLOPs / best product
+rate, the time the step would take if every FLOP ran as fast as this machine's best matrix product.
 """
 import argparse, contextlib, functools, importlib, json, os, re, subprocess, sys, tempfile, time
 from collections import defaultdict
@@ -101,11 +110,36 @@ def install(prof, lrn):
     return lambda: [setattr(o, a, v) for o, a, v in reversed(undo)]
 
 
-def one(preset, scale, iters, warmup, flops, batch, sets=()):
+def gemm_rates(reps: int = 3) -> dict:
+    "GFLOP/s of fp32 torch.matmul on this machine and thread count: the ViT-B MLP product at paper scale, 4096^3."
     import torch
-    from synernet.train import build_config
+    out = {}
+    for name, (m, k, n) in dict(vit_mlp_3530x768x3072=(3530, 768, 3072), square_4096=(4096, 4096, 4096)).items():
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        a @ b
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter(); a @ b; best = min(best, time.perf_counter() - t0)
+        out[name] = 2 * m * k * n / best / 1e9
+    return out
+
+
+def floor(row) -> dict | None:
+    "The step's GFLOPs, achieved GFLOP/s and lower-bound seconds at the best measured matrix-product rate."
+    if not row.get("flops") or not row.get("gemm_gflops_per_s"): return None
+    gf = sum(row["flops"].values()) / 1e9
+    ceil = max(row["gemm_gflops_per_s"].values())
+    return dict(gflops=gf, achieved_gflops_per_s=gf / row["seconds_per_iter"], gemm_ceiling_gflops_per_s=ceil,
+                lower_bound_s=gf / ceil, seconds_per_iter=row["seconds_per_iter"],
+                share_of_ceiling=gf / row["seconds_per_iter"] / ceil)
+
+
+def one(preset, scale, iters, warmup, flops, batch, sets=(), variant=""):
+    import torch
+    from synernet.train import build_config, import_methods
     from synernet.learner import Learner, train_iteration, _to
     from synernet.core import CONFIG_KEYS
+    import_methods()              # the methods' keys (seg_start, sbce_start, ...) exist only once their modules load
     with tempfile.TemporaryDirectory() as d:
         kw = dict(preset=preset, dataset="synthetic", scale=scale, out_dir=d, max_iters=10 ** 6, progress=False,
                   seg_loss_nan_guard=True, eval_every=0, ckpt_every=0, final_eval="none")
@@ -123,54 +157,70 @@ def one(preset, scale, iters, warmup, flops, batch, sets=()):
         for pass_flops in ([False, True] if flops else [False]):
             prof = Profiler(pass_flops, sync)
             undo = install(prof, lrn)
-            total_t, n_meas = 0.0, 0
+            total_t, n_meas, each = 0.0, 0, []
             try:
-                for n in range(warmup + (1 if pass_flops else iters)):
-                    measured = n >= warmup
-                    if n == warmup: prof.time.clear(); prof.flop.clear()
+                w0 = 0 if pass_flops else warmup         # FLOPs need no warm-up: one counted iteration
+                for n in range(w0 + (1 if pass_flops else iters)):
+                    measured = n >= w0
+                    if n == w0: prof.time.clear(); prof.flop.clear()
                     t0 = time.perf_counter()
                     with prof.part("data"):
                         batch_ = {k: _to(v, dev) for k, v in next(it).items()}
                     with prof.part("other"):
                         train_iteration(lrn.method, lrn.optims, batch_, n, cfg.grad_clip, lrn.autocast)
                     sync()
-                    if measured: total_t += time.perf_counter() - t0; n_meas += 1
+                    if measured:
+                        dt = time.perf_counter() - t0; total_t += dt; n_meas += 1; each.append(dt)
             finally:
                 undo()
             k = "flops" if pass_flops else "seconds"
             src = prof.flop if pass_flops else prof.time
             res[k] = {p: v / max(n_meas, 1) for p, v in src.items() if v}
-            if not pass_flops: res["seconds_per_iter"] = total_t / n_meas
+            if not pass_flops: res["seconds_per_iter"], res["seconds_each_iter"] = total_t / n_meas, each
         name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu-{torch.get_num_threads()}threads"
-        return dict(preset=preset, scale=scale, variant=",".join(sets), backbone=cfg.backbone, crop_size=cfg.crop_size, batch_size=cfg.batch_size,
-                    iters=iters, device_name=name, **res)
+        if dev.type == "cpu" and flops and scale == "paper": res["gemm_gflops_per_s"] = gemm_rates()
+        row = dict(preset=preset, scale=scale, variant=variant or ",".join(sets), settings=list(sets),
+                   backbone=cfg.backbone, crop_size=cfg.crop_size, batch_size=cfg.batch_size, iters=iters,
+                   warmup=warmup, device_name=name, **res)
+        fl = floor(row)
+        if fl: row["floor"] = fl
+        return row
 
 
 def _key(r):
     return f"{r['preset']}/{r['scale']}" + (f" [{r['variant']}]" if r.get("variant") else "")
 
 
-def figure(rows, path):
+def figure(rows, path, absolute: bool = False):
     import matplotlib; matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     parts = [p for p in ORDER if any(p in r.get("seconds", {}) for r in rows)]
     fig, axes = plt.subplots(1, 2, figsize=(13, 0.6 * len(rows) + 2.5), sharey=True)
     labels = [_key(r).replace("/", " / ") for r in rows]
     cmap = plt.get_cmap("tab20")
-    for ax, key, unit, scale in ((axes[0], "seconds", "share of the step's time", None),
-                                 (axes[1], "flops", "share of the step's FLOPs", None)):
+    units = ((axes[0], "seconds", "seconds per step", 1.0), (axes[1], "flops", "GFLOPs per step", 1e9)) if absolute \
+        else ((axes[0], "seconds", "share of the step's time", None), (axes[1], "flops", "share of the step's FLOPs", None))
+    for ax, key, unit, scale in units:
         left = [0.0] * len(rows)
         for j, p in enumerate(parts):
             vals = []
             for r in rows:
                 d = r.get(key, {}); tot = sum(d.values()) or 1.0
-                vals.append(d.get(p, 0.0) / tot)
+                vals.append(d.get(p, 0.0) / scale if scale else d.get(p, 0.0) / tot)
             ax.barh(labels, vals, left=left, color=cmap(j % 20), label=p)
             left = [a + b for a, b in zip(left, vals)]
-        ax.set_xlabel(unit); ax.set_xlim(0, 1)
+        ax.set_xlabel(unit)
+        if not absolute: ax.set_xlim(0, 1)
+        if absolute and key == "flops":
+            for y, r in enumerate(rows):
+                if "floor" in r: ax.plot([r["floor"]["gflops"]] * 2, [y - 0.4, y + 0.4], color="k", lw=0.8)
     axes[1].legend(bbox_to_anchor=(1.02, 1), loc="upper left", fontsize=8)
+    xmax = max(sum(r["seconds"].values()) for r in rows) if absolute else 1.0
     for r, y in zip(rows, range(len(rows))):
-        axes[0].text(1.01, y, f"{r['seconds_per_iter']:.2f} s", va="center", fontsize=8)
+        txt = f"{r['seconds_per_iter']:.2f} s"
+        if absolute and "floor" in r: txt += f" (floor {r['floor']['lower_bound_s']:.1f} s)"
+        axes[0].text(1.01 * xmax, y, txt, va="center", fontsize=8)
+    if absolute: axes[0].set_xlim(0, 1.35 * xmax)
     plt.suptitle(f"Where one training step goes ({rows[0]['device_name']})")
     plt.tight_layout(); plt.savefig(path, dpi=110); plt.close(fig)
 
@@ -186,20 +236,32 @@ def main():
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a config key for every run, e.g. --set cam_reuse_forward=false (the step before a speed-up)")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                    help="run every (preset, scale) once per variant, e.g. before:cam_reuse_forward=false")
+    ap.add_argument("--note", default="", help="a note stored with the profile (e.g. what else ran on the machine)")
+    ap.add_argument("--replace", action="store_true", help="the profile's rows become this run's (default: merged)")
+    ap.add_argument("--absolute", action="store_true", help="figure in seconds and GFLOPs instead of shares")
     ap.add_argument("--out", default="")
     ap.add_argument("--_one", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--_variant", default="", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a._one:
-        print("PROFILE " + json.dumps(one(a._one[0], a._one[1], a.iters, a.warmup, a.flops, a.batch, a.set)), flush=True)
+        sets = [kv for kv in a.set if kv]
+        print("PROFILE " + json.dumps(one(a._one[0], a._one[1], a.iters, a.warmup, a.flops, a.batch, sets,
+                                          a._variant)), flush=True)
         return
     scales = ["paper"] if a.only_paper else (["demo", "paper"] if a.paper else ["demo"])
     rows = []
+    variants = [v.split(":", 1) for v in a.variant] or [["", ""]]
+    if any(len(v) != 2 for v in variants): ap.error("--variant takes NAME:KEY=VALUE,KEY=VALUE (settings may be empty)")
     for p in a.presets.split(","):
         for s in scales:
+          for vname, vsets in variants:
             cmd = [sys.executable, __file__, "--_one", p, s, "--iters", str(a.iters), "--warmup", str(a.warmup)]
             if a.flops: cmd.append("--flops")
             if a.batch: cmd += ["--batch", str(a.batch)]
-            for kv in a.set: cmd += ["--set", kv]
+            for kv in a.set + [kv for kv in vsets.split(",") if kv]: cmd += ["--set", kv]
+            if vname: cmd += ["--_variant", vname]
             r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
             line = next((l for l in r.stdout.splitlines() if l.startswith("PROFILE ")), None)
             if r.returncode or line is None:
@@ -216,16 +278,24 @@ def main():
             if p in r["seconds"]:
                 print(f"| {r['preset']} | {r['scale']}{' ' + r['variant'] if r.get('variant') else ''} | {p} | {r['seconds'][p]:.4f} | {100 * r['seconds'][p] / tot:.1f}% | "
                       f"{r.get('flops', {}).get(p, 0) / 1e9:.2f} |")
+    if any("floor" in r for r in rows):
+        print("\n| preset | scale | variant | s/step | GFLOPs | achieved GF/s | best GEMM GF/s | lower bound s | share |"
+              "\n|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            f = r.get("floor")
+            if f: print(f"| {r['preset']} | {r['scale']} | {r.get('variant', '')} | {f['seconds_per_iter']:.2f} | "
+                        f"{f['gflops']:.0f} | {f['achieved_gflops_per_s']:.1f} | {f['gemm_ceiling_gflops_per_s']:.1f} | "
+                        f"{f['lower_bound_s']:.2f} | {100 * f['share_of_ceiling']:.0f}% |")
     out = Path(a.out) if a.out else REPO / "reports" / f"benchmark_{dev}.json"
     doc = json.loads(out.read_text()) if out.exists() else {}
-    prof = {_key(r): r for r in doc.get("profile", {}).get("rows", [])}
+    prof = {} if a.replace else {_key(r): r for r in doc.get("profile", {}).get("rows", [])}
     prof.update({_key(r): r for r in rows})
     doc["profile"] = dict(time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), command=" ".join(sys.argv),
-                          rows=list(prof.values()))
+                          note=a.note or doc.get("profile", {}).get("note", ""), rows=list(prof.values()))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2))
     fig = out.with_name(f"fig_step_profile_{dev}.png")
-    figure(list(prof.values()), fig)
+    figure(list(prof.values()), fig, a.absolute)
     print(f"\nwritten: {out}, {fig}")
 
 
