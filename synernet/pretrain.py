@@ -19,9 +19,9 @@ from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 # %% auto #0
 __all__ = ['CORPUS_VERSION', 'CORPUS_ENTROPY', 'TRAIN', 'HELDOUT', 'SHAPES', 'PATTERNS', 'N_CATEGORIES', 'HUE_SPREAD',
-           'CATEGORY_HUE', 'PRETRAIN_DEFAULTS', 'category_name', 'corpus_rng', 'shape_mask', 'pattern_layer',
-           'render_corpus_item', 'corpus_batch', 'PretrainNet', 'param_groups', 'lr_at', 'evaluate', 'pretrain',
-           'encoder_state', 'save_encoder', 'model_card']
+           'CATEGORY_HUE', 'PRETRAIN_DEFAULTS', 'OBJECTIVES', 'category_name', 'corpus_rng', 'shape_mask',
+           'pattern_layer', 'render_corpus_item', 'corpus_batch', 'mosaic_batch', 'PretrainNet', 'param_groups',
+           'lr_at', 'evaluate', 'pretrain', 'encoder_state', 'save_encoder', 'model_card']
 
 # %% ../nbs/02a_pretrain.ipynb #359abc6b
 CORPUS_VERSION = 1                                    # bump on any change of the images drawn
@@ -125,12 +125,28 @@ def render_corpus_item(rng: np.random.Generator, size: int = 64):
     img = np.clip(img + rng.normal(0, 0.012, img.shape).astype(np.float32), 0, 1)
     return (img * 255 + 0.5).astype(np.uint8), k, m
 
+def _normalise(ims) -> torch.Tensor:
+    x = torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2).float().div_(255)
+    return (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
 def corpus_batch(split: int, start: int, n: int, size: int = 64):
     "Images start..start+n-1 of a split as a normalised [n, 3, size, size] tensor and their categories [n]."
     ims, ys = zip(*[render_corpus_item(corpus_rng(split, i), size)[:2] for i in range(start, start + n)])
-    x = torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2).float().div_(255)
-    x = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return x, torch.tensor(ys)
+    return _normalise(ims), torch.tensor(ys)
+
+def mosaic_batch(split: int, start: int, n: int, size: int = 96, patch: int = 8):
+    """Mosaics start..start+n-1 of a split: mosaic j tiles the corpus images 4j..4j+3 (each drawn at size/2, a whole
+    image with its own label) in a 2x2 grid. Returns the normalised [n, 3, size, size] images, each patch token's
+    label [n, (size/patch)^2] (the label of the image its tile came from; row-major) and the tiles' labels [n, 4]."""
+    if size % (2 * patch): raise ValueError(f"size {size} must be a multiple of 2 x patch ({2 * patch})")
+    h, g = size // 2, size // patch
+    ims, toks, tiles = [], [], []
+    for j in range(start, start + n):
+        t = [render_corpus_item(corpus_rng(split, 4 * j + q), h)[:2] for q in range(4)]
+        ims.append(np.concatenate([np.concatenate([t[0][0], t[1][0]], 1), np.concatenate([t[2][0], t[3][0]], 1)], 0))
+        k = np.array([[t[0][1], t[1][1]], [t[2][1], t[3][1]]])
+        toks.append(np.repeat(np.repeat(k, g // 2, 0), g // 2, 1).reshape(-1)); tiles.append(k.reshape(-1))
+    return _normalise(ims), torch.from_numpy(np.stack(toks)).long(), torch.from_numpy(np.stack(tiles)).long()
 
 # %% ../nbs/02a_pretrain.ipynb #58002374
 class PretrainNet(nn.Module):
@@ -147,6 +163,16 @@ class PretrainNet(nn.Module):
     def forward(self, x, attn_blocks=()):
         o = self.enc(x, attn_blocks=attn_blocks)
         return self.head_cls(o.cls), self.head_gap(o.tokens.mean(1)), o
+
+def _resize_pos(sd: dict, net: "PretrainNet") -> dict:
+    "A PretrainNet state dict with its positional grids resized (bicubic) to `net`'s token grid."
+    g, out = net.enc.grid, {}
+    for k, v in sd.items():
+        if k.endswith("pos_embed") and v.shape != net.state_dict()[k].shape:
+            n = int(round((v.shape[1] - 1) ** 0.5))
+            v = torch.cat([v[:, :1], resize_pos_embed(v[:, 1:].reshape(1, n, n, -1), g)], 1)
+        out[k] = v
+    return out
 
 def param_groups(net: nn.Module, wd: float) -> list[dict]:
     "AdamW groups: weight decay on matrices, none on biases, norms, the class token and the positional embedding."
@@ -172,7 +198,9 @@ def evaluate(net: PretrainNet, n: int = 1000, bs: int = 100) -> dict:
     return dict(acc_cls=ok_c / n, acc_gap=ok_g / n)
 
 PRETRAIN_DEFAULTS = dict(arch="vit_tiny_p8_demo", size=64, steps=3000, batch_size=32, lr=1e-3, weight_decay=0.05,
-                         warmup=150, label_smoothing=0.1, clip=1.0, seed=0, eval_images=1000)
+                         warmup=150, label_smoothing=0.1, clip=1.0, seed=0, eval_images=1000, objective="image",
+                         init_from="")
+OBJECTIVES = ("image", "mosaic")
 
 def _atomic_save(obj, path: Path):
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -181,15 +209,27 @@ def _atomic_save(obj, path: Path):
 def pretrain(work_dir, steps: int = 3000, batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 0.05,
              warmup: int = 150, label_smoothing: float = 0.1, clip: float = 1.0, size: int = 64, seed: int = 0,
              arch: str = "vit_tiny_p8_demo", ckpt_every: int = 250, log_every: int = 50, eval_images: int = 1000,
-             until: int | None = None, log=print) -> tuple[PretrainNet, dict | None]:
+             until: int | None = None, objective: str = "image", init_from: str = "",
+             log=print) -> tuple[PretrainNet, dict | None]:
     """Supervised pretraining on the corpus; resumes from `work_dir/last.pt`. Step t trains on corpus images
     [t*batch_size, (t+1)*batch_size), so a resumed run sees exactly the data of an uninterrupted one. `until` stops
-    (with a checkpoint, and no result) after that step: a run in slices, or a test of resuming."""
+    (with a checkpoint, and no result) after that step: a run in slices, or a test of resuming.
+    `objective`: 'image' (one whole image per sample; both read-outs learn its category) or 'mosaic' (2x2 mosaics of
+    whole images; every patch token's read-out learns the category of the image its tile came from).
+    `init_from`: the `last.pt` of a finished earlier run to start from (encoder and read-outs; its positional grid is
+    resized to this run's size): a second stage."""
+    if objective not in OBJECTIVES: raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     work = Path(work_dir); work.mkdir(parents=True, exist_ok=True)
     hp = dict(arch=arch, size=size, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
               warmup=warmup, label_smoothing=label_smoothing, clip=clip, seed=seed, eval_images=eval_images)
+    if objective != "image": hp["objective"] = objective        # v1 checkpoints (no key) stay resumable
     torch.manual_seed(seed)
     net = PretrainNet(arch, size)
+    if init_from:
+        prev = torch.load(init_from, map_location="cpu", weights_only=True)
+        if prev["step"] != prev["hparams"]["steps"]: raise ValueError(f"{init_from} is an unfinished run")
+        hp["init_from"] = dict(path=str(init_from), hparams=prev["hparams"])
+        net.load_state_dict(_resize_pos(prev["model"], net))
     opt = torch.optim.AdamW(param_groups(net, weight_decay), lr=lr, betas=(0.9, 0.999))
     hist, step, secs = [], 0, 0.0
     ck = work / "last.pt"
@@ -206,10 +246,15 @@ def pretrain(work_dir, steps: int = 3000, batch_size: int = 32, lr: float = 1e-3
     stop = steps if until is None else min(until, steps)
     while step < stop:
         for g in opt.param_groups: g["lr"] = lr_at(step, steps, lr, warmup)
-        x, y = corpus_batch(TRAIN, step * batch_size, batch_size, size)
-        lc, lg, _ = net(x)
-        loss = 0.5 * (F.cross_entropy(lc, y, label_smoothing=label_smoothing) +
-                      F.cross_entropy(lg, y, label_smoothing=label_smoothing))
+        if objective == "image":
+            x, y = corpus_batch(TRAIN, step * batch_size, batch_size, size)
+            lc, lg, _ = net(x)
+            loss = 0.5 * (F.cross_entropy(lc, y, label_smoothing=label_smoothing) +
+                          F.cross_entropy(lg, y, label_smoothing=label_smoothing))
+        else:
+            x, yt, _ = mosaic_batch(TRAIN, step * batch_size, batch_size, size, net.enc.patch_size[0])
+            o = net.enc(x)
+            loss = F.cross_entropy(net.head_gap(o.tokens).flatten(0, 1), yt.flatten(), label_smoothing=label_smoothing)
         opt.zero_grad(set_to_none=True); loss.backward()
         if clip: torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
         opt.step(); step += 1
