@@ -19,9 +19,10 @@ from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 # %% auto #0
 __all__ = ['CORPUS_VERSION', 'CORPUS_ENTROPY', 'TRAIN', 'HELDOUT', 'SHAPES', 'PATTERNS', 'N_CATEGORIES', 'HUE_SPREAD',
-           'CATEGORY_HUE', 'PRETRAIN_DEFAULTS', 'OBJECTIVES', 'category_name', 'corpus_rng', 'shape_mask',
+           'CATEGORY_HUE', 'PRETRAIN_DEFAULTS', 'OBJECTIVES', 'MASK_RATIO', 'category_name', 'corpus_rng', 'shape_mask',
            'pattern_layer', 'render_corpus_item', 'corpus_batch', 'mosaic_batch', 'PretrainNet', 'param_groups',
-           'lr_at', 'evaluate', 'pretrain', 'encoder_state', 'save_encoder', 'model_card']
+           'lr_at', 'evaluate', 'patch_mask', 'patchify', 'masked_loss', 'pretrain', 'encoder_state', 'save_encoder',
+           'model_card']
 
 # %% ../nbs/02a_pretrain.ipynb #359abc6b
 CORPUS_VERSION = 1                                    # bump on any change of the images drawn
@@ -151,7 +152,8 @@ def mosaic_batch(split: int, start: int, n: int, size: int = 96, patch: int = 8)
 # %% ../nbs/02a_pretrain.ipynb #58002374
 class PretrainNet(nn.Module):
     "The demo encoder (built at the pretraining input size) with two linear read-outs: class token and mean token."
-    def __init__(self, arch: str = "vit_tiny_p8_demo", size: int = 64, n_classes: int = N_CATEGORIES):
+    def __init__(self, arch: str = "vit_tiny_p8_demo", size: int = 64, n_classes: int = N_CATEGORIES,
+                 pixel_head: bool = False):
         super().__init__()
         tname, kw = DEMO_ARCHS[arch]
         self.arch, self.size = arch, size
@@ -159,6 +161,9 @@ class PretrainNet(nn.Module):
         self.enc = ViTBackbone(self.vit, freeze_pos_embed=False)
         self.head_cls = nn.Linear(self.enc.embed_dim, n_classes)
         self.head_gap = nn.Linear(self.enc.embed_dim, n_classes)
+        if pixel_head:                  # the masked objective: each token predicts its own patch's pixels
+            p = self.enc.patch_size[0]
+            self.head_pix = nn.Linear(self.enc.embed_dim, 3 * p * p)
 
     def forward(self, x, attn_blocks=()):
         o = self.enc(x, attn_blocks=attn_blocks)
@@ -200,7 +205,30 @@ def evaluate(net: PretrainNet, n: int = 1000, bs: int = 100) -> dict:
 PRETRAIN_DEFAULTS = dict(arch="vit_tiny_p8_demo", size=64, steps=3000, batch_size=32, lr=1e-3, weight_decay=0.05,
                          warmup=150, label_smoothing=0.1, clip=1.0, seed=0, eval_images=1000, objective="image",
                          init_from="")
-OBJECTIVES = ("image", "mosaic")
+OBJECTIVES = ("image", "mosaic", "masked")
+MASK_RATIO = 0.5                                      # the masked objective: share of patches hidden per image
+
+def patch_mask(n: int, g: int, seed: int, step: int, ratio: float = MASK_RATIO) -> torch.Tensor:
+    "[n, g*g] bool, True = hidden: `round(ratio * g*g)` patches per image, drawn from (seed, step) alone."
+    gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(step))
+    k = int(round(ratio * g * g))
+    order = torch.rand(n, g * g, generator=gen).argsort(1)
+    return torch.zeros(n, g * g, dtype=torch.bool).scatter_(1, order[:, :k], True)
+
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    "[n, 3, H, W] -> [n, (H/p)(W/p), 3p^2] row-major patches."
+    n, c, H, W = x.shape
+    return x.reshape(n, c, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(n, (H // p) * (W // p), c * p * p)
+
+def masked_loss(net: "PretrainNet", x: torch.Tensor, hide: torch.Tensor) -> torch.Tensor:
+    """The masked objective: hidden patches are set to 0 (the normalised mean colour) in the input, and the L1 error of
+    the tokens' pixel read-out on the hidden patches' original pixels is the loss."""
+    p = net.enc.patch_size[0]
+    g = x.shape[-1] // p
+    m = hide.view(-1, 1, g, 1, g, 1).expand(-1, 1, g, p, g, p).reshape(x.shape[0], 1, g * p, g * p)
+    o = net.enc(x.masked_fill(m, 0.0))
+    err = (net.head_pix(o.tokens) - patchify(x, p)).abs().mean(-1)
+    return err[hide].mean()
 
 def _atomic_save(obj, path: Path):
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -216,6 +244,7 @@ def pretrain(work_dir, steps: int = 3000, batch_size: int = 32, lr: float = 1e-3
     (with a checkpoint, and no result) after that step: a run in slices, or a test of resuming.
     `objective`: 'image' (one whole image per sample; both read-outs learn its category) or 'mosaic' (2x2 mosaics of
     whole images; every patch token's read-out learns the category of the image its tile came from).
+    'masked': half of the patches hidden, each token's linear read-out reconstructs its own patch (L1; no labels).
     `init_from`: the `last.pt` of a finished earlier run to start from (encoder and read-outs; its positional grid is
     resized to this run's size): a second stage."""
     if objective not in OBJECTIVES: raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
@@ -224,12 +253,14 @@ def pretrain(work_dir, steps: int = 3000, batch_size: int = 32, lr: float = 1e-3
               warmup=warmup, label_smoothing=label_smoothing, clip=clip, seed=seed, eval_images=eval_images)
     if objective != "image": hp["objective"] = objective        # v1 checkpoints (no key) stay resumable
     torch.manual_seed(seed)
-    net = PretrainNet(arch, size)
+    net = PretrainNet(arch, size, pixel_head=objective == "masked")
     if init_from:
         prev = torch.load(init_from, map_location="cpu", weights_only=True)
         if prev["step"] != prev["hparams"]["steps"]: raise ValueError(f"{init_from} is an unfinished run")
         hp["init_from"] = dict(path=str(init_from), hparams=prev["hparams"])
-        net.load_state_dict(_resize_pos(prev["model"], net))
+        missing, extra = net.load_state_dict(_resize_pos(prev["model"], net), strict=False)
+        if extra or any(not k.startswith("head_pix") for k in missing):
+            raise ValueError(f"{init_from} does not fit this network: missing {missing}, unexpected {extra}")
     opt = torch.optim.AdamW(param_groups(net, weight_decay), lr=lr, betas=(0.9, 0.999))
     hist, step, secs = [], 0, 0.0
     ck = work / "last.pt"
@@ -251,6 +282,9 @@ def pretrain(work_dir, steps: int = 3000, batch_size: int = 32, lr: float = 1e-3
             lc, lg, _ = net(x)
             loss = 0.5 * (F.cross_entropy(lc, y, label_smoothing=label_smoothing) +
                           F.cross_entropy(lg, y, label_smoothing=label_smoothing))
+        elif objective == "masked":
+            x, _ = corpus_batch(TRAIN, step * batch_size, batch_size, size)
+            loss = masked_loss(net, x, patch_mask(batch_size, size // net.enc.patch_size[0], seed, step))
         else:
             x, yt, _ = mosaic_batch(TRAIN, step * batch_size, batch_size, size, net.enc.patch_size[0])
             o = net.enc(x)
