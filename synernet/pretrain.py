@@ -337,6 +337,19 @@ def save_encoder(net: PretrainNet, path, meta: dict | None = None) -> str:
 def model_card(res: dict, sha256: str, weights_name: str, command: str) -> str:
     "A short Markdown model card for the committed encoder: corpus, objective, schedule, time, accuracy, sha256."
     hp = res["hparams"]
+    obj = hp.get("objective", "image")
+    objective = dict(
+        image=f"""cross-entropy (label smoothing {hp['label_smoothing']}) averaged over two linear read-outs, the
+  class token and the mean patch token.""",
+        mosaic=f"""per-token cross-entropy (label smoothing {hp['label_smoothing']}) on 2x2 mosaics of whole corpus
+  images: every patch token's linear read-out learns the label of the image its tile came from.""",
+        masked=f"""masked-patch reconstruction, no labels: {MASK_RATIO:.0%} of the patches of each image hidden (set
+  to the mean colour), each final patch token's linear read-out predicts its own patch's normalised pixels, L1 on
+  the hidden patches.""")[obj]
+    if "init_from" in hp: objective += f" Started from a finished run with {hp['init_from']['hparams']}."
+    acc = (f"""- **Held-out accuracy** ({hp['eval_images']} images of the held-out stream, {N_CATEGORIES} classes, chance
+  {100 / N_CATEGORIES:.0f} %): class token {100 * res['acc_cls']:.1f} %, mean token {100 * res['acc_gap']:.1f} %.""" if obj != "masked"
+           else "- **Held-out accuracy**: none (the masked objective trains no classifier).")
     return f"""# {weights_name}
 
 sha256: `{sha256}`
@@ -348,15 +361,13 @@ sha256: `{sha256}`
   ({len(SHAPES)} silhouettes x {len(PATTERNS)} surface patterns, each with its own hue), one whole object per
   {hp['size']} px image on cluttered backgrounds, image-level labels only, its own seed stream (never an image of the
   WSSS synthetic set). No pixel mask is used.
-- **Objective**: cross-entropy (label smoothing {hp['label_smoothing']}) averaged over two linear read-outs, the
-  class token and the mean patch token.
+- **Objective**: {objective}
 - **Schedule**: {hp['steps']} steps of batch {hp['batch_size']} ({res['images_seen']:,} images, each seen once), AdamW
   lr {hp['lr']:g} (betas 0.9/0.999, weight decay {hp['weight_decay']} on matrices), {hp['warmup']} warm-up steps then
   cosine to 0, gradient norm clipped at {hp['clip']}, seed {hp['seed']}.
 - **Time**: {res['train_seconds'] / 60:.0f} min (wall clock) of training on one CPU thread (`OMP_NUM_THREADS=1`) of the
   2-core development machine, while other jobs shared its cores.
-- **Held-out accuracy** ({hp['eval_images']} images of the held-out stream, {N_CATEGORIES} classes, chance
-  {100 / N_CATEGORIES:.0f} %): class token {100 * res['acc_cls']:.1f} %, mean token {100 * res['acc_gap']:.1f} %.
+{acc}
 - **Regenerate** (bit for bit with one thread; in a fresh clone, or after deleting the checkpoint folder
   `runs/pretrain`, else it resumes): `{command}`
 """

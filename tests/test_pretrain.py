@@ -54,6 +54,18 @@ def test_pretrain_notebook_tiny(tmp_path):
     assert file_sha256(f) == sha
 
 
+def test_pretrain_notebook_tiny_masked(tmp_path):
+    "The self-supervised objective through the same notebook: its model card says what it trained and claims no accuracy."
+    f = tmp_path / "enc.safetensors"
+    params = dict(work_dir=tmp_path / "work", steps=2, batch_size=4, warmup=1, eval_images=8, diag_images=8,
+                  weights_out=f, objective="masked")
+    _papermill(tmp_path / "out.ipynb", params, tmp_path)
+    card = f.with_suffix(".md").read_text()
+    assert card_sha256(f.with_suffix(".md")) == file_sha256(f)
+    assert "masked-patch reconstruction" in card and "trains no classifier" in card and "-p objective masked" in card
+    assert json.loads((tmp_path / "work" / "result.json").read_text())["hparams"]["objective"] == "masked"
+
+
 @pytest.mark.parametrize("pretrained", [True, False])
 def test_demo_run_names_its_encoder_weights(tmp_path, pretrained):
     from synernet.train import run_training
