@@ -31,6 +31,11 @@ config_keys("synernet",
     fusion_weights=((0.3, 0.7), "(w_B, w_P): fixed fusion w_B * logits_B + w_P * logits_P",
                     dict(check=lambda v: len(v) == 2, check_msg="two weights (branch B, branch P)")),
     fusion_in_training=(False, "also train both decoders on the confidence-fused label of reliable pixels"),
+    conf_min_protos=(2, "prototype votes count only in an image whose anchors hold at least this many classes; fewer: "
+                        "its tokens abstain (uncertain). 2 (default, by measurement: nbs/15_confidence.ipynb): an image "
+                        "whose anchors are all background has no reliable pixel; 1: the spec's literal reading, every "
+                        "token of such an image is reliably background",
+                     dict(check=lambda v: int(v) == v and v >= 1, check_msg="a whole number >= 1")),
 )
 
 # %% ../nbs/15_confidence.ipynb #4c7de124
@@ -82,13 +87,14 @@ def prototypes(f: torch.Tensor, alpha: torch.Tensor, K: int) -> tuple[torch.Tens
     s = oh.transpose(1, 2) @ f
     return F.normalize(s, dim=-1), oh.sum(1) > 0
 
-def proto_votes(feats: Sequence[torch.Tensor], alpha: torch.Tensor, K: int) -> torch.Tensor:
-    "Votes [B,V,N] (V = len(feats)): nearest prototype per token; -1 for images without any anchor."
+def proto_votes(feats: Sequence[torch.Tensor], alpha: torch.Tensor, K: int, min_protos: int = 1) -> torch.Tensor:
+    """Votes [B,V,N] (V = len(feats)): nearest prototype per token; -1 (abstain) for the images with fewer than
+    `min_protos` prototypes (at least one: an image without any anchor always abstains)."""
     votes = []
     for f in feats:
         mu, has = prototypes(f, alpha, K)
         sim = (f @ mu.transpose(1, 2)).masked_fill(~has[:, None, :], float("-inf"))
-        votes.append(torch.where(has.any(1)[:, None], sim.argmax(-1), -1))
+        votes.append(torch.where((has.sum(1) >= max(int(min_protos), 1))[:, None], sim.argmax(-1), -1))
     return torch.stack(votes, 1)
 
 def cam_votes(cams: Sequence[torch.Tensor], cls_labels, bkg_thre: float = 0.5) -> torch.Tensor:

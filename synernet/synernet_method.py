@@ -323,7 +323,8 @@ class SynerNetMethod(Method):
         if w["seg_fuse"]:
             if c.conf_mode == "proto":
                 hw = ob.feat.shape[-2:]
-                votes = proto_votes(res["conf_feats"], anchor_labels(Y_B, Y_P, hw), self.info.num_classes + 1)
+                votes = proto_votes(res["conf_feats"], anchor_labels(Y_B, Y_P, hw), self.info.num_classes + 1,
+                                    c.conf_min_protos)
                 conf = confidence_matrix(votes, hw)
             else:
                 conf = confidence_matrix(cam_votes([A_b, M_b, A_p, M_p], y, c.bkg_thre), x.shape[-2:])
@@ -355,7 +356,7 @@ class SynerNetMethod(Method):
             if c.conf_mode == "proto":
                 lb_, lp_ = (l_p, l_b) if broad == "p" else (l_b, l_p)
                 feats = layer_features(eb, c.conf_layers) + layer_features(ep, c.conf_layers)
-                votes = proto_votes(feats, anchor_from_logits(lb_, lp_), self.info.num_classes + 1)
+                votes = proto_votes(feats, anchor_from_logits(lb_, lp_), self.info.num_classes + 1, c.conf_min_protos)
             else:
                 cb = m.b.cam_logits(ob.feat)
                 if c.bcam_attn_prop: cb = bcam_logits(cb, [eb.attn[i] for i in sorted(eb.attn)], c.bcam_power)
@@ -393,10 +394,13 @@ class SynerNetMethod(Method):
             out["seg_reliable"] = (torch.where(pr["conf"].reliable, out["seg"][0], 255), True)
         if c.conf_mode == "proto":       # the training-time confidence: anchors where Y_B and Y_P agree
             tconf = confidence_matrix(proto_votes(pr["feats"], anchor_labels(Y_B, Y_P, pr["hw"]),
-                                                  self.info.num_classes + 1), pr["hw"])
+                                                  self.info.num_classes + 1, c.conf_min_protos), pr["hw"])
         else:
             tconf = confidence_matrix(cam_votes([A_b, M_b, A_p, M_p], cls_label, c.bkg_thre), img.shape[-2:])
         out["fused_pseudo_label"] = (near(fusion_labels(Y_B, Y_P, tconf)), True)
+        on_fused = out["fused_pseudo_label"][0] != 255     # each branch's label on the pixels the fused label labels
+        out.update(b_pseudo_label_on_fused=(torch.where(on_fused, out["b_pseudo_label"][0], 255), True),
+                   p_pseudo_label_on_fused=(torch.where(on_fused, out["p_pseudo_label"][0], 255), True))
         self._eval_keep = dict(conf=pr["conf"], seg=out["seg"][0], images=len(img))
         if c.bcam_attn_prop:             # how global B's attention is: 1 = every token attends uniformly to all
             eb = self.core.encode("b", img, attn_blocks=tuple(range(-c.bcam_attn_layers, 0)), attn_mean=c.bcam_attn_mean)
@@ -427,8 +431,9 @@ class SynerNetMethod(Method):
     def diagnostic_scores(self, sums: dict, res: dict) -> dict:
         """Branches: B minus P foreground recall and P minus B foreground precision of the CAMs and pseudo-labels
         (points); confidence matrix: share of reliable pixels and accuracy (%) of the fused prediction and the
-        consensus on reliable vs uncertain pixels; fusion: fused minus the better branch (decoders; pseudo-labels);
-        `bcam_affinity_entropy` (1 = uniform attention, which propagation turns into a flat, flooding B-CAM)."""
+        consensus on reliable vs uncertain pixels; fusion: fused minus the better branch (decoders; pseudo-labels;
+        pseudo-labels on the pixels the fused label labels); `bcam_affinity_entropy` (1 = uniform attention, which
+        propagation turns into a flat, flooding B-CAM)."""
         out = {}
         for a, b in (("b_cam", "p_cam"), ("b_pseudo_label", "p_pseudo_label"), ("seg_b", "seg_p")):
             if f"{a}_fg_recall" in res and f"{b}_fg_recall" in res:
@@ -449,6 +454,10 @@ class SynerNetMethod(Method):
         if all(f"{k}_miou" in res for k in ("fused_pseudo_label", "b_pseudo_label", "p_pseudo_label")):
             out["fusion_pseudo_label_gain"] = res["fused_pseudo_label_miou"] - best("b_pseudo_label_miou",
                                                                                    "p_pseudo_label_miou")
+        if all(f"{k}_miou" in res for k in ("fused_pseudo_label", "b_pseudo_label_on_fused", "p_pseudo_label_on_fused")):
+            # the same comparison on the same pixels (the fused label leaves its uncertain pixels unlabelled)
+            out["fusion_pseudo_label_gain_same_pixels"] = res["fused_pseudo_label_miou"] - best(
+                "b_pseudo_label_on_fused_miou", "p_pseudo_label_on_fused_miou")
         return out
 
     def seg_logits(self, img): return self.predict(img, img.shape[-2:])["fused"]
