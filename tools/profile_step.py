@@ -187,6 +187,72 @@ def one(preset, scale, iters, warmup, flops, batch, sets=(), variant=""):
         return row
 
 
+def interleaved(preset, scale, iters, warmup, flops, batch, sets, variants):
+    """All `variants` ([(name, [key=value, ...]), ...]) of one (preset, scale) in ONE process on ONE model: the
+    iterations alternate between the variants' configs (the method reads its config at every step), so a change of
+    the machine's load during the run hits every variant alike. Rows as `one` returns them."""
+    import torch
+    from synernet.train import build_config, import_methods
+    from synernet.learner import Learner, train_iteration, _to
+    from synernet.core import CONFIG_KEYS
+    import_methods()
+    with tempfile.TemporaryDirectory() as d:
+        kw = dict(preset=preset, dataset="synthetic", scale=scale, out_dir=d, max_iters=10 ** 6, progress=False,
+                  seg_loss_nan_guard=True, eval_every=0, ckpt_every=0, final_eval="none")
+        kw.update({k: v for k, v in ALWAYS_ON.items() if k in CONFIG_KEYS})
+        if scale == "paper": kw.update(pretrained=False, batch_size=batch or 2, crop_size=448)
+        elif batch: kw.update(batch_size=batch)
+        kw.update(dict(kv.split("=", 1) for kv in sets))
+        cfgs = [build_config(**{**kw, **dict(kv.split("=", 1) for kv in vs)}) for _, vs in variants]
+        lrn = Learner(cfgs[0])
+        dev, m = lrn.device, lrn.method
+        sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+        it = iter(lrn.train_loader)
+        lrn._set_train(True)
+        V = len(variants)
+        acc = [dict(seconds=defaultdict(float), flops=defaultdict(float), each=[]) for _ in range(V)]
+        n = 0
+        for pass_flops in ([False, True] if flops else [False]):
+            prof = Profiler(pass_flops, sync)
+            undo = install(prof, lrn)
+            try:
+                rounds = 1 if pass_flops else warmup + iters
+                for r in range(rounds):
+                    measured = pass_flops or r >= warmup
+                    order = range(V) if r % 2 == 0 else reversed(range(V))      # ABBA: a drift cancels
+                    for v in order:
+                        m.cfg = cfgs[v]
+                        prof.time.clear(); prof.flop.clear()
+                        t0 = time.perf_counter()
+                        with prof.part("data"):
+                            batch_ = {k: _to(x, dev) for k, x in next(it).items()}
+                        with prof.part("other"):
+                            train_iteration(m, lrn.optims, batch_, n, cfgs[v].grad_clip, lrn.autocast)
+                        sync(); n += 1
+                        dt = time.perf_counter() - t0
+                        if not measured: continue
+                        src = prof.flop if pass_flops else prof.time
+                        for k, x in src.items(): acc[v]["flops" if pass_flops else "seconds"][k] += x
+                        if not pass_flops: acc[v]["each"].append(dt)
+            finally:
+                undo()
+        name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu-{torch.get_num_threads()}threads"
+        gemm = gemm_rates() if dev.type == "cpu" and flops and scale == "paper" else None
+        rows = []
+        for (vname, vs), a, cfg in zip(variants, acc, cfgs):
+            row = dict(preset=preset, scale=scale, variant=vname, settings=list(sets) + list(vs), backbone=cfg.backbone,
+                       crop_size=cfg.crop_size, batch_size=cfg.batch_size, iters=iters, warmup=warmup,
+                       interleaved=[x for x, _ in variants], device_name=name,
+                       seconds={k: x / iters for k, x in a["seconds"].items() if x},
+                       seconds_per_iter=sum(a["each"]) / len(a["each"]), seconds_each_iter=a["each"])
+            if flops: row["flops"] = {k: x for k, x in a["flops"].items() if x}
+            if gemm: row["gemm_gflops_per_s"] = gemm
+            fl = floor(row)
+            if fl: row["floor"] = fl
+            rows.append(row)
+        return rows
+
+
 def _key(r):
     return f"{r['preset']}/{r['scale']}" + (f" [{r['variant']}]" if r.get("variant") else "")
 
@@ -244,9 +310,17 @@ def main():
     ap.add_argument("--out", default="")
     ap.add_argument("--_one", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--_variant", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--interleave", action="store_true",
+                    help="the variants of a (preset, scale) in one process, their iterations alternating (ABBA)")
+    ap.add_argument("--_variants", default="", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a._one:
         sets = [kv for kv in a.set if kv]
+        if a._variants:
+            vs = [(n, [kv for kv in v.split(",") if kv]) for n, v in (x.split(":", 1) for x in json.loads(a._variants))]
+            for row in interleaved(a._one[0], a._one[1], a.iters, a.warmup, a.flops, a.batch, sets, vs):
+                print("PROFILE " + json.dumps(row), flush=True)
+            return
         print("PROFILE " + json.dumps(one(a._one[0], a._one[1], a.iters, a.warmup, a.flops, a.batch, sets,
                                           a._variant)), flush=True)
         return
@@ -256,20 +330,25 @@ def main():
     if any(len(v) != 2 for v in variants): ap.error("--variant takes NAME:KEY=VALUE,KEY=VALUE (settings may be empty)")
     for p in a.presets.split(","):
         for s in scales:
-          for vname, vsets in variants:
+          for vname, vsets in (variants[:1] if a.interleave else variants):
             cmd = [sys.executable, __file__, "--_one", p, s, "--iters", str(a.iters), "--warmup", str(a.warmup)]
             if a.flops: cmd.append("--flops")
             if a.batch: cmd += ["--batch", str(a.batch)]
             for kv in a.set + [kv for kv in vsets.split(",") if kv]: cmd += ["--set", kv]
-            if vname: cmd += ["--_variant", vname]
+            if a.interleave:                          # every variant in the one process: its keys are not common
+                cmd = cmd[:cmd.index("--_one") + 3 + 4] + (["--flops"] if a.flops else []) + \
+                    (["--batch", str(a.batch)] if a.batch else []) + [x for kv in a.set for x in ("--set", kv)] + \
+                    ["--_variants", json.dumps(a.variant)]
+            elif vname: cmd += ["--_variant", vname]
             r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-            line = next((l for l in r.stdout.splitlines() if l.startswith("PROFILE ")), None)
-            if r.returncode or line is None:
+            lines = [l for l in r.stdout.splitlines() if l.startswith("PROFILE ")]
+            if r.returncode or not lines:
                 print(f"{p}/{s} FAILED:\n{r.stderr[-3000:]}", file=sys.stderr); sys.exit(1)
-            row = json.loads(line[8:]); rows.append(row)
-            top = sorted(row["seconds"].items(), key=lambda kv: -kv[1])[:4]
-            print(f"{_key(row)}: {row['seconds_per_iter']:.3f} s/iter; " +
-                  ", ".join(f"{k} {v:.3f} s" for k, v in top), file=sys.stderr)
+            for line in lines:
+                row = json.loads(line[8:]); rows.append(row)
+                top = sorted(row["seconds"].items(), key=lambda kv: -kv[1])[:4]
+                print(f"{_key(row)}: {row['seconds_per_iter']:.3f} s/iter; " +
+                      ", ".join(f"{k} {v:.3f} s" for k, v in top), file=sys.stderr)
     dev = re.sub(r"[^A-Za-z0-9._-]+", "_", rows[0]["device_name"])
     print(f"\n| preset | scale | part | seconds | share | GFLOPs |\n|---|---|---|---|---|---|")
     for r in rows:
