@@ -134,18 +134,24 @@ def floor(row) -> dict | None:
                 share_of_ceiling=gf / row["seconds_per_iter"] / ceil)
 
 
+def base_settings(preset, scale, out_dir, batch):
+    "The config keys every profiled step shares: no evaluation or checkpoints, every loss on, paper scale at 448."
+    from synernet.core import CONFIG_KEYS
+    kw = dict(preset=preset, dataset="synthetic", scale=scale, out_dir=out_dir, max_iters=10 ** 6, progress=False,
+              seg_loss_nan_guard=True, eval_every=0, ckpt_every=0, final_eval="none")
+    kw.update({k: v for k, v in ALWAYS_ON.items() if k in CONFIG_KEYS})
+    if scale == "paper": kw.update(pretrained=False, batch_size=batch or 2, crop_size=448)
+    elif batch: kw.update(batch_size=batch)
+    return kw
+
+
 def one(preset, scale, iters, warmup, flops, batch, sets=(), variant=""):
     import torch
     from synernet.train import build_config, import_methods
     from synernet.learner import Learner, train_iteration, _to
-    from synernet.core import CONFIG_KEYS
     import_methods()              # the methods' keys (seg_start, sbce_start, ...) exist only once their modules load
     with tempfile.TemporaryDirectory() as d:
-        kw = dict(preset=preset, dataset="synthetic", scale=scale, out_dir=d, max_iters=10 ** 6, progress=False,
-                  seg_loss_nan_guard=True, eval_every=0, ckpt_every=0, final_eval="none")
-        kw.update({k: v for k, v in ALWAYS_ON.items() if k in CONFIG_KEYS})
-        if scale == "paper": kw.update(pretrained=False, batch_size=batch or 2, crop_size=448)
-        elif batch: kw.update(batch_size=batch)
+        kw = base_settings(preset, scale, d, batch)
         kw.update(dict(s.split("=", 1) for s in sets))
         cfg = build_config(**kw)
         lrn = Learner(cfg)
@@ -194,14 +200,9 @@ def interleaved(preset, scale, iters, warmup, flops, batch, sets, variants):
     import torch
     from synernet.train import build_config, import_methods
     from synernet.learner import Learner, train_iteration, _to
-    from synernet.core import CONFIG_KEYS
     import_methods()
     with tempfile.TemporaryDirectory() as d:
-        kw = dict(preset=preset, dataset="synthetic", scale=scale, out_dir=d, max_iters=10 ** 6, progress=False,
-                  seg_loss_nan_guard=True, eval_every=0, ckpt_every=0, final_eval="none")
-        kw.update({k: v for k, v in ALWAYS_ON.items() if k in CONFIG_KEYS})
-        if scale == "paper": kw.update(pretrained=False, batch_size=batch or 2, crop_size=448)
-        elif batch: kw.update(batch_size=batch)
+        kw = base_settings(preset, scale, d, batch)
         kw.update(dict(kv.split("=", 1) for kv in sets))
         cfgs = [build_config(**{**kw, **dict(kv.split("=", 1) for kv in vs)}) for _, vs in variants]
         lrn = Learner(cfgs[0])
