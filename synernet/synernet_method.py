@@ -261,6 +261,7 @@ class SynerNetMethod(Method):
         need_seg = bool(w["seg_b"] or w["seg_p"] or w["seg_fuse"])
         # the CAM pass reuses the forward's own scale-1.0 CAMs unless the forward needs the CAMs (instance images)
         reuse = bool(need_cam and S is None and c.cam_reuse_forward and not w["proto"])
+        lc = {}                           # the CAMs behind the pseudo-labels (a mechanism may adjust them)
         def cam_pass(given=None):
             M_b, A_b, M_p, A_p = (S.ms_pass(x, c.cam_scales) if S else
                                   multi_scale_cam(self.cam_fn, x, c.cam_scales, given=given))
@@ -268,7 +269,7 @@ class SynerNetMethod(Method):
             self.record(cam_b=M_b, cam_aux_b=A_b, cam_p=M_p, cam_aux_p=A_p)
             Y_B = Y_P = None
             if need_seg:
-                lc = S.label_cams(dict(b=M_b, p=M_p)) if S else dict(b=M_b, p=M_p)
+                lc.update(S.label_cams(dict(b=M_b, p=M_p)) if S else dict(b=M_b, p=M_p))
                 Y_B, Y_P = self.pseudo_labels(x, lc["b"], lc["p"], y, box)
                 self.record(seg_labels_b=Y_B, seg_labels_p=Y_P)
             return M_b, A_b, M_p, A_p, Y_B, Y_P

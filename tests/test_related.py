@@ -23,7 +23,10 @@ from synernet.mechanisms import capture_inputs
 
 TINY = dict(max_iters=2, batch_size=2, log_every=1, eval_every=0, ckpt_every=0, eval_max_images=2, final_eval="single",
             progress=False, seg_start=0, cam_scales=(1.0, 0.5), deterministic=True)
-SYN = dict(sbce_start=1)
+# cam_reuse_forward=False: a SynerNet host without mechanisms reuses its forward's scale-1.0 CAMs (equal up to float
+# rounding, tests/test_step_speedups.py), a host with one runs the full CAM pass; the bit-for-bit checks compare the
+# same path
+SYN = dict(sbce_start=1, cam_reuse_forward=False)
 
 
 def _run(preset, path, **kw):
