@@ -20,8 +20,8 @@ from .core import RUN_FACTS, ConfigError, config_keys, extend_preset
 # %% auto #0
 __all__ = ['DEMO_ARCHS', 'PAPER_BACKBONE', 'ARCH_KEYS', 'demo_weights', 'arch_overrides', 'WeightsUnavailableError',
            'cached_weights', 'check_hub_reachable', 'build_vit', 'file_sha256', 'card_sha256', 'encoder_weights',
-           'resolve_block', 'to2d', 'BackboneOut', 'resize_pos_embed', 'head_mean_attention', 'ViTBackbone',
-           'build_backbone', 'backbone_from_config']
+           'resolve_block', 'to2d', 'BackboneOut', 'resize_pos_embed', 'resize_token_pos_embed', 'head_mean_attention',
+           'ViTBackbone', 'build_backbone', 'backbone_from_config']
 
 # %% ../nbs/02_backbone.ipynb #7337e750
 DEMO_ARCHS = {
@@ -288,6 +288,10 @@ def resize_pos_embed(pos_grid: torch.Tensor, hw: tuple[int, int]) -> torch.Tenso
     p = F.interpolate(pos_grid.permute(0, 3, 1, 2), size=hw, mode="bicubic", align_corners=False)
     return p.permute(0, 2, 3, 1).flatten(1, 2)
 
+def resize_token_pos_embed(pe: torch.Tensor, grid: tuple[int, int], hw: tuple[int, int]) -> torch.Tensor:
+    "A [1, 1 + gh*gw, D] positional embedding (class-token entry first, then a gh x gw grid) resized to [1, 1 + h*w, D]."
+    return torch.cat([pe[:, :1], resize_pos_embed(pe[:, 1:].reshape(1, *grid, pe.shape[-1]), hw)], dim=1)
+
 def head_mean_attention(q: torch.Tensor, k: torch.Tensor, scale: float, v: torch.Tensor | None = None,
                         rows: int = 256):
     """(head-averaged softmax attention [B, 1, N, N] in at least float32, `A @ v` [B, heads, N, d] or None), without
@@ -350,9 +354,7 @@ class ViTBackbone(nn.Module):
 
     def pos_embed_for(self, hw: tuple[int, int]) -> torch.Tensor:
         "[1, 1 + h*w, D]: the class-token entry, then the grid resized to h x w."
-        D = self.pos_embed.shape[-1]
-        grid = self.pos_embed[:, 1:].reshape(1, *self.grid, D)
-        return torch.cat([self.pos_embed[:, :1], resize_pos_embed(grid, hw)], dim=1)
+        return resize_token_pos_embed(self.pos_embed, self.grid, hw)
 
     def forward(self, x: torch.Tensor, aux_blocks=(), attn_blocks=(), attn_mean: bool = False) -> BackboneOut:
         "`attn_mean`: record the head-averaged attention of `attn_blocks` ([B, 1, N+1, N+1], no gradient) instead."

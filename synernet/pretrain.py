@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import timm
 
-from .backbone import DEMO_ARCHS, ViTBackbone, card_sha256, file_sha256, resize_pos_embed
+from .backbone import DEMO_ARCHS, ViTBackbone, card_sha256, file_sha256, resize_token_pos_embed
 from .synthetic import draw_background, hsv, small_shape, smooth_noise
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -175,7 +175,7 @@ def _resize_pos(sd: dict, net: "PretrainNet") -> dict:
     for k, v in sd.items():
         if k.endswith("pos_embed") and v.shape != net.state_dict()[k].shape:
             n = int(round((v.shape[1] - 1) ** 0.5))
-            v = torch.cat([v[:, :1], resize_pos_embed(v[:, 1:].reshape(1, n, n, -1), g)], 1)
+            v = resize_token_pos_embed(v, (n, n), g)
         out[k] = v
     return out
 
@@ -315,10 +315,8 @@ def encoder_state(net: PretrainNet) -> dict:
     ref = timm.create_model(tname, num_classes=0, **kw)
     sd = {k: v.detach().clone().contiguous() for k, v in net.vit.state_dict().items()}
     if set(sd) != set(ref.state_dict()): raise RuntimeError("pretraining encoder and demo encoder differ in keys")
-    gh, gw = net.enc.grid
-    pe, D = sd["pos_embed"], sd["pos_embed"].shape[-1]
-    grid = resize_pos_embed(pe[:, 1:].reshape(1, gh, gw, D), tuple(ref.patch_embed.grid_size))
-    sd["pos_embed"] = torch.cat([pe[:, :1], grid], 1).contiguous()
+    sd["pos_embed"] = resize_token_pos_embed(sd["pos_embed"], net.enc.grid,
+                                             tuple(ref.patch_embed.grid_size)).contiguous()
     for k, v in ref.state_dict().items():
         if sd[k].shape != v.shape: raise RuntimeError(f"{k}: {tuple(sd[k].shape)} vs {tuple(v.shape)}")
     return sd

@@ -39,6 +39,15 @@ def _step(preset, method=sm.SynerNetMethod, **flags):
     return losses, grads, meth.trace
 
 
+def _same_losses_and_grads(l1, g1, l0, g0):
+    "The same losses (rtol 1e-4) and gradients (rtol 1e-3, atol 1e-6) from two runs of one step."
+    assert set(l1) == set(l0) and set(g1) == set(g0) and len(g0) > 0
+    for k in l0:
+        np.testing.assert_allclose(l1[k].item(), l0[k].item(), rtol=1e-4, atol=1e-6, err_msg=k)
+    for k in g0:
+        np.testing.assert_allclose(g1[k].numpy(), g0[k].numpy(), rtol=1e-3, atol=1e-6, err_msg=f"grad {k}")
+
+
 @pytest.mark.parametrize("preset,flags", [
     ("synernet", dict(cam_reuse_forward=True)),
     ("synernet", dict(bcam_attn_mean=True)),
@@ -50,11 +59,7 @@ def test_speedup_changes_no_loss_or_gradient(preset, flags):
     off = dict(cam_reuse_forward=False, bcam_attn_mean=False)
     l1, g1, t1 = _step(preset, **{**off, **flags})
     l0, g0, t0 = _step(preset, **off)
-    assert set(l1) == set(l0) and set(g1) == set(g0) and len(g0) > 0
-    for k in l0:
-        np.testing.assert_allclose(l1[k].item(), l0[k].item(), rtol=1e-4, atol=1e-6, err_msg=k)
-    for k in g0:
-        np.testing.assert_allclose(g1[k].numpy(), g0[k].numpy(), rtol=1e-3, atol=1e-6, err_msg=f"grad {k}")
+    _same_losses_and_grads(l1, g1, l0, g0)
     for k in ("cam_b", "cam_aux_b", "cam_p", "cam_aux_p"):
         np.testing.assert_allclose(t1[k].numpy(), t0[k].numpy(), atol=1e-4, err_msg=k)
     for k in ("seg_labels_b", "seg_labels_p", "token_labels_b", "token_labels_p"):
@@ -69,11 +74,7 @@ def test_dskd_cam_reuse_changes_no_loss_or_gradient(flags):
     with the view swap) gives the same losses, labels and gradients."""
     l1, g1, t1 = _step("dskd_gc", DSKDMethod, seg_start=0, cam_reuse_forward=True, **flags)
     l0, g0, t0 = _step("dskd_gc", DSKDMethod, seg_start=0, cam_reuse_forward=False, **flags)
-    assert set(l1) == set(l0) and set(g1) == set(g0) and len(g0) > 0
-    for k in l0:
-        np.testing.assert_allclose(l1[k].item(), l0[k].item(), rtol=1e-4, atol=1e-6, err_msg=k)
-    for k in g0:
-        np.testing.assert_allclose(g1[k].numpy(), g0[k].numpy(), rtol=1e-3, atol=1e-6, err_msg=f"grad {k}")
+    _same_losses_and_grads(l1, g1, l0, g0)
 
 
 def test_head_mean_attention_is_the_explicit_mean():

@@ -84,9 +84,7 @@ def audit(run_dir, checkpoint: str = "final.pt", max_images: int = 0, conf_min_p
         labs = {f"fused_{r}": _rule(Y_B, Y_P, tconf, r) for r in _RULES}
         labs.update(b=Y_B, p=Y_P, p_ignore_band=Y_Pi, seg=pr["fused"].argmax(1), seg_b=pr["b"].argmax(1),
                     seg_p=pr["p"].argmax(1),
-                    fused_p_ignore_band=fusion_labels(Y_B, Y_Pi, tconf),
-                    consensus_reliable=torch.where(tconf.resize(Y_B.shape[-2:]).reliable,
-                                                   tconf.resize(Y_B.shape[-2:]).consensus, 255))
+                    fused_p_ignore_band=fusion_labels(Y_B, Y_Pi, tconf))
         labs = {k: (v if v.shape[-2:] == size else near(v)) for k, v in labs.items()}
         cnt["inf_images_fg_anchor"] += float((anchor_from_logits(pr["p"], pr["b"]) > 0).any(1).sum())
         for k, v in labs.items(): add(k, mask, v)
