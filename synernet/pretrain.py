@@ -14,15 +14,17 @@ import torch.nn.functional as F
 import timm
 
 from .backbone import DEMO_ARCHS, ViTBackbone, card_sha256, file_sha256, resize_token_pos_embed
-from .synthetic import draw_background, hsv, small_shape, smooth_noise
+from .synthetic import (BODY_TEXTURES, DOT_FRACTION, body_radius, body_shape, draw_background, hsv,
+                                paint_body, small_shape, smooth_noise)
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 # %% auto #0
 __all__ = ['CORPUS_VERSION', 'CORPUS_ENTROPY', 'TRAIN', 'HELDOUT', 'SHAPES', 'PATTERNS', 'N_CATEGORIES', 'HUE_SPREAD',
-           'CATEGORY_HUE', 'PRETRAIN_DEFAULTS', 'OBJECTIVES', 'MASK_RATIO', 'category_name', 'corpus_rng', 'shape_mask',
-           'pattern_layer', 'render_corpus_item', 'corpus_batch', 'mosaic_batch', 'PretrainNet', 'param_groups',
-           'lr_at', 'evaluate', 'patch_mask', 'patchify', 'masked_loss', 'pretrain', 'encoder_state', 'save_encoder',
-           'model_card']
+           'CATEGORY_HUE', 'CORPORA', 'THING_BODY_HUE', 'THING_PART_HUE', 'THING_TAG', 'PRETRAIN_DEFAULTS',
+           'OBJECTIVES', 'MASK_RATIO', 'category_name', 'corpus_rng', 'shape_mask', 'pattern_layer',
+           'render_corpus_item', 'thing_name', 'render_thing_item', 'corpus_item', 'corpus_batch', 'mosaic_batch',
+           'PretrainNet', 'param_groups', 'lr_at', 'evaluate', 'patch_mask', 'patchify', 'masked_loss', 'pretrain',
+           'encoder_state', 'save_encoder', 'model_card']
 
 # %% ../nbs/02a_pretrain.ipynb #359abc6b
 CORPUS_VERSION = 1                                    # bump on any change of the images drawn
@@ -130,12 +132,65 @@ def _normalise(ims) -> torch.Tensor:
     x = torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2).float().div_(255)
     return (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
-def corpus_batch(split: int, start: int, n: int, size: int = 64):
+CORPORA = ("shapes", "things")                        # the corpus kinds (`corpus=`): see "A corpus of things" below
+#: "things": 10 body looks (a hue family and a texture) and 10 part looks (a hue and a dot colour), drawn once
+THING_BODY_HUE = np.random.default_rng([*CORPUS_ENTROPY, CORPUS_VERSION, 98, 0]).random(10)
+THING_PART_HUE = np.random.default_rng([*CORPUS_ENTROPY, CORPUS_VERSION, 97, 0]).random(5)
+THING_TAG = 1                                         # the 6th seed word of a "things" image
+
+def thing_name(k: int) -> str:
+    b, p = divmod(k, 10)
+    return f"body{b}:{BODY_TEXTURES[b % 3]}/part{p % 5}:{'white' if p < 5 else 'black'}"
+
+def render_thing_item(rng: np.random.Generator, size: int = 64):
+    """One image of the "things" corpus: (uint8 [size, size, 3], category, object mask). Category k = (body look
+    k // 10, part look k % 10): a textured body in its look's hue family with a saturated dotted disc (its part) inside.
+    Every body look occurs with every part look, so neither the body nor the part alone names the category."""
+    H = W = size
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
+    k = int(rng.integers(N_CATEGORIES))
+    b, p = divmod(k, 10)
+    img = draw_background(rng, H, W)
+    bg_mean = img.reshape(-1, 3).mean(0)
+    for _ in range(int(rng.integers(0, 4))):                            # small clutter
+        m = small_shape(rng, yy, xx, H, W)
+        img[m] = hsv(rng.random(), rng.uniform(0, 0.4), rng.uniform(0.2, 0.9))
+    s = size / 64
+    a = s * rng.uniform(14, 22); bb = a * rng.uniform(0.6, 1.0)         # body semi-axes: like the WSSS set's at 96 px
+    sh = dict(cy=rng.uniform(0.35 * H, 0.65 * H), cx=rng.uniform(0.35 * W, 0.65 * W), a=a, b=bb,
+              phi=rng.uniform(0, np.pi), n=rng.uniform(2.0, 4.0),
+              wob=[(rng.uniform(-0.07, 0.07), rng.uniform(0, 6.3)) for _ in range(3)])
+    body = body_shape(yy, xx, **sh)
+    for _ in range(20):
+        c = hsv(THING_BODY_HUE[b] + rng.normal(0, 0.025), rng.uniform(0.3, 0.55), rng.uniform(0.35, 0.9))
+        if np.abs(c - bg_mean).sum() > 0.35: break
+    paint_body(rng, img, body, c, BODY_TEXTURES[b % 3])
+    r = s * rng.uniform(4.5, 6.5)                                       # part radius
+    ang = rng.uniform(0, 2 * np.pi)
+    R = body_radius(sh["cy"], sh["cx"], a, bb, sh["phi"], sh["n"], sh["wob"], ang)
+    dist = max(0.0, min(R - r - 1.0, rng.uniform(0.3, 0.8) * R))
+    pcy, pcx = sh["cy"] + dist * np.sin(ang), sh["cx"] + dist * np.cos(ang)
+    d2 = (yy - pcy) ** 2 + (xx - pcx) ** 2
+    part, dot = (d2 <= r * r) & body, (d2 <= (DOT_FRACTION * r) ** 2) & body
+    img[part] = hsv(THING_PART_HUE[p % 5] + rng.uniform(-0.02, 0.02), rng.uniform(0.85, 1.0), rng.uniform(0.85, 1.0))
+    img[dot] = hsv(0, rng.uniform(0, 0.1), rng.uniform(0.9, 1.0)) if p < 5 else hsv(0, 0, rng.uniform(0.03, 0.12))
+    img = np.clip(img + rng.normal(0, 0.012, img.shape).astype(np.float32), 0, 1)
+    return (img * 255 + 0.5).astype(np.uint8), k, body
+
+def corpus_item(split: int, i: int, size: int = 64, corpus: str = "shapes"):
+    "Image `i` of `split` of corpus `corpus`: (uint8 image, category, object mask)."
+    if corpus == "shapes": return render_corpus_item(corpus_rng(split, i), size)
+    if corpus == "things":
+        return render_thing_item(np.random.default_rng([*CORPUS_ENTROPY, CORPUS_VERSION, int(split), int(i),
+                                                        THING_TAG]), size)
+    raise ValueError(f"corpus must be one of {CORPORA}, got {corpus!r}")
+
+def corpus_batch(split: int, start: int, n: int, size: int = 64, corpus: str = "shapes"):
     "Images start..start+n-1 of a split as a normalised [n, 3, size, size] tensor and their categories [n]."
-    ims, ys = zip(*[render_corpus_item(corpus_rng(split, i), size)[:2] for i in range(start, start + n)])
+    ims, ys = zip(*[corpus_item(split, i, size, corpus)[:2] for i in range(start, start + n)])
     return _normalise(ims), torch.tensor(ys)
 
-def mosaic_batch(split: int, start: int, n: int, size: int = 96, patch: int = 8):
+def mosaic_batch(split: int, start: int, n: int, size: int = 96, patch: int = 8, corpus: str = "shapes"):
     """Mosaics start..start+n-1 of a split: mosaic j tiles the corpus images 4j..4j+3 (each drawn at size/2, a whole
     image with its own label) in a 2x2 grid. Returns the normalised [n, 3, size, size] images, each patch token's
     label [n, (size/patch)^2] (the label of the image its tile came from; row-major) and the tiles' labels [n, 4]."""
@@ -143,7 +198,7 @@ def mosaic_batch(split: int, start: int, n: int, size: int = 96, patch: int = 8)
     h, g = size // 2, size // patch
     ims, toks, tiles = [], [], []
     for j in range(start, start + n):
-        t = [render_corpus_item(corpus_rng(split, 4 * j + q), h)[:2] for q in range(4)]
+        t = [corpus_item(split, 4 * j + q, h, corpus)[:2] for q in range(4)]
         ims.append(np.concatenate([np.concatenate([t[0][0], t[1][0]], 1), np.concatenate([t[2][0], t[3][0]], 1)], 0))
         k = np.array([[t[0][1], t[1][1]], [t[2][1], t[3][1]]])
         toks.append(np.repeat(np.repeat(k, g // 2, 0), g // 2, 1).reshape(-1)); tiles.append(k.reshape(-1))
@@ -165,9 +220,12 @@ class PretrainNet(nn.Module):
             p = self.enc.patch_size[0]
             self.head_pix = nn.Linear(self.enc.embed_dim, 3 * p * p)
 
-    def forward(self, x, attn_blocks=()):
+    def forward(self, x, attn_blocks=(), token_pool: str = "mean"):
+        "(class-token logits, pooled-token logits, encoder output); `token_pool`: 'mean' (of the tokens) or 'max' (of"
+        " each class's per-token logits, as the WSSS classifiers pool)."
         o = self.enc(x, attn_blocks=attn_blocks)
-        return self.head_cls(o.cls), self.head_gap(o.tokens.mean(1)), o
+        pooled = self.head_gap(o.tokens.mean(1)) if token_pool == "mean" else self.head_gap(o.tokens).amax(1)
+        return self.head_cls(o.cls), pooled, o
 
 def _resize_pos(sd: dict, net: "PretrainNet") -> dict:
     "A PretrainNet state dict with its positional grids resized (bicubic) to `net`'s token grid."
@@ -192,20 +250,20 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     return 0.5 * lr * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 @torch.no_grad()
-def evaluate(net: PretrainNet, n: int = 1000, bs: int = 100) -> dict:
+def evaluate(net: PretrainNet, n: int = 1000, bs: int = 100, corpus: str = "shapes", token_pool: str = "mean") -> dict:
     "Top-1 accuracy of both read-outs on the first `n` held-out corpus images."
     was = net.training; net.eval(); ok_c = ok_g = 0
     for s in range(0, n, bs):
-        x, y = corpus_batch(HELDOUT, s, min(bs, n - s), net.size)
-        lc, lg, _ = net(x)
+        x, y = corpus_batch(HELDOUT, s, min(bs, n - s), net.size, corpus)
+        lc, lg, _ = net(x, token_pool=token_pool)
         ok_c += int((lc.argmax(1) == y).sum()); ok_g += int((lg.argmax(1) == y).sum())
     net.train(was)
     return dict(acc_cls=ok_c / n, acc_gap=ok_g / n)
 
 PRETRAIN_DEFAULTS = dict(arch="vit_tiny_p8_demo", size=64, steps=3000, batch_size=32, lr=1e-3, weight_decay=0.05,
                          warmup=150, label_smoothing=0.1, clip=1.0, seed=0, eval_images=1000, objective="image",
-                         init_from="")
-OBJECTIVES = ("image", "mosaic", "masked")
+                         init_from="", corpus="shapes")
+OBJECTIVES = ("image", "image_max", "mosaic", "masked", "image_max_masked", "mosaic_max")
 MASK_RATIO = 0.5                                      # the masked objective: share of patches hidden per image
 
 def patch_mask(n: int, g: int, seed: int, step: int, ratio: float = MASK_RATIO) -> torch.Tensor:
@@ -220,7 +278,7 @@ def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
     n, c, H, W = x.shape
     return x.reshape(n, c, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(n, (H // p) * (W // p), c * p * p)
 
-def masked_loss(net: "PretrainNet", x: torch.Tensor, hide: torch.Tensor) -> torch.Tensor:
+def masked_loss(net: "PretrainNet", x: torch.Tensor, hide: torch.Tensor, return_out: bool = False):
     """The masked objective: hidden patches are set to 0 (the normalised mean colour) in the input, and the L1 error of
     the tokens' pixel read-out on the hidden patches' original pixels is the loss."""
     p = net.enc.patch_size[0]
@@ -228,7 +286,7 @@ def masked_loss(net: "PretrainNet", x: torch.Tensor, hide: torch.Tensor) -> torc
     m = hide.view(-1, 1, g, 1, g, 1).expand(-1, 1, g, p, g, p).reshape(x.shape[0], 1, g * p, g * p)
     o = net.enc(x.masked_fill(m, 0.0))
     err = (net.head_pix(o.tokens) - patchify(x, p)).abs().mean(-1)
-    return err[hide].mean()
+    return (err[hide].mean(), o) if return_out else err[hide].mean()
 
 def _atomic_save(obj, path: Path):
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -237,7 +295,7 @@ def _atomic_save(obj, path: Path):
 def pretrain(work_dir, steps: int = 3000, batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 0.05,
              warmup: int = 150, label_smoothing: float = 0.1, clip: float = 1.0, size: int = 64, seed: int = 0,
              arch: str = "vit_tiny_p8_demo", ckpt_every: int = 250, log_every: int = 50, eval_images: int = 1000,
-             until: int | None = None, objective: str = "image", init_from: str = "",
+             until: int | None = None, objective: str = "image", init_from: str = "", corpus: str = "shapes",
              log=print) -> tuple[PretrainNet, dict | None]:
     """Supervised pretraining on the corpus; resumes from `work_dir/last.pt`. Step t trains on corpus images
     [t*batch_size, (t+1)*batch_size), so a resumed run sees exactly the data of an uninterrupted one. `until` stops
@@ -245,15 +303,25 @@ def pretrain(work_dir, steps: int = 3000, batch_size: int = 32, lr: float = 1e-3
     `objective`: 'image' (one whole image per sample; both read-outs learn its category) or 'mosaic' (2x2 mosaics of
     whole images; every patch token's read-out learns the category of the image its tile came from).
     'masked': half of the patches hidden, each token's linear read-out reconstructs its own patch (L1; no labels).
+    'image_max': as 'image', but the second read-out max-pools each category's per-token logits (the WSSS
+    classifiers' pooling) instead of reading the mean token.
+    'image_max_masked': both at once on the same masked input: the two read-outs of 'image_max' and the pixel
+    read-out of 'masked' (loss = their mean cross-entropy + the L1), so tokens stay about their own patch.
+    'mosaic_max': 2x2 mosaics (side `size`) of whole corpus images (side `size`/2); each tile's category is read out
+    by the per-category maximum over the tokens of that tile only, and the class token learns the mosaic's 4 labels
+    (multi-label BCE): a token that carried another tile's category would raise that tile-foreign logit.
+    `corpus`: 'shapes' (silhouette x pattern) or 'things' (body look x part look); see `CORPORA`.
     `init_from`: the `last.pt` of a finished earlier run to start from (encoder and read-outs; its positional grid is
     resized to this run's size): a second stage."""
     if objective not in OBJECTIVES: raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if corpus not in CORPORA: raise ValueError(f"corpus must be one of {CORPORA}, got {corpus!r}")
     work = Path(work_dir); work.mkdir(parents=True, exist_ok=True)
     hp = dict(arch=arch, size=size, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
               warmup=warmup, label_smoothing=label_smoothing, clip=clip, seed=seed, eval_images=eval_images)
     if objective != "image": hp["objective"] = objective        # v1 checkpoints (no key) stay resumable
+    if corpus != "shapes": hp["corpus"] = corpus
     torch.manual_seed(seed)
-    net = PretrainNet(arch, size, pixel_head=objective == "masked")
+    net = PretrainNet(arch, size, pixel_head=objective in ("masked", "image_max_masked"))
     if init_from:
         prev = torch.load(init_from, map_location="cpu", weights_only=True)
         if prev["step"] != prev["hparams"]["steps"]: raise ValueError(f"{init_from} is an unfinished run")
@@ -277,14 +345,28 @@ def pretrain(work_dir, steps: int = 3000, batch_size: int = 32, lr: float = 1e-3
     stop = steps if until is None else min(until, steps)
     while step < stop:
         for g in opt.param_groups: g["lr"] = lr_at(step, steps, lr, warmup)
-        if objective == "image":
-            x, y = corpus_batch(TRAIN, step * batch_size, batch_size, size)
-            lc, lg, _ = net(x)
+        if objective in ("image", "image_max"):
+            x, y = corpus_batch(TRAIN, step * batch_size, batch_size, size, corpus)
+            lc, lg, _ = net(x, token_pool="max" if objective == "image_max" else "mean")
             loss = 0.5 * (F.cross_entropy(lc, y, label_smoothing=label_smoothing) +
                           F.cross_entropy(lg, y, label_smoothing=label_smoothing))
         elif objective == "masked":
-            x, _ = corpus_batch(TRAIN, step * batch_size, batch_size, size)
+            x, _ = corpus_batch(TRAIN, step * batch_size, batch_size, size, corpus)
             loss = masked_loss(net, x, patch_mask(batch_size, size // net.enc.patch_size[0], seed, step))
+        elif objective == "image_max_masked":
+            x, y = corpus_batch(TRAIN, step * batch_size, batch_size, size, corpus)
+            rec, o = masked_loss(net, x, patch_mask(batch_size, size // net.enc.patch_size[0], seed, step),
+                                 return_out=True)
+            loss = rec + 0.5 * (F.cross_entropy(net.head_cls(o.cls), y, label_smoothing=label_smoothing) +
+                                F.cross_entropy(net.head_gap(o.tokens).amax(1), y, label_smoothing=label_smoothing))
+        elif objective == "mosaic_max":
+            x, _, yl = mosaic_batch(TRAIN, step * batch_size, batch_size, size, net.enc.patch_size[0], corpus)
+            o = net.enc(x)
+            g = size // net.enc.patch_size[0]
+            lt = net.head_gap(o.tokens).view(batch_size, 2, g // 2, 2, g // 2, -1).amax((2, 4)).flatten(1, 2)
+            multi = torch.zeros(batch_size, N_CATEGORIES).scatter_(1, yl, 1.0)
+            loss = 0.5 * (F.cross_entropy(lt.flatten(0, 1), yl.flatten(), label_smoothing=label_smoothing) +
+                          F.binary_cross_entropy_with_logits(net.head_cls(o.cls), multi) * N_CATEGORIES / 4)
         else:
             x, yt, _ = mosaic_batch(TRAIN, step * batch_size, batch_size, size, net.enc.patch_size[0])
             o = net.enc(x)
@@ -303,7 +385,9 @@ def pretrain(work_dir, steps: int = 3000, batch_size: int = 32, lr: float = 1e-3
     net.eval()
     if step < steps: return net, None
     res = dict(hparams=hp, history=hist, train_seconds=round(time.time() - t0, 1),
-               images_seen=steps * batch_size, **evaluate(net, eval_images))
+               images_seen=steps * batch_size,
+               **evaluate(net, eval_images, corpus=corpus,
+                          token_pool="max" if objective in ("image_max", "image_max_masked", "mosaic_max") else "mean"))
     log(f"held-out accuracy: class token {res['acc_cls']:.3f}, mean token {res['acc_gap']:.3f}")
     return net, res
 
@@ -335,10 +419,18 @@ def save_encoder(net: PretrainNet, path, meta: dict | None = None) -> str:
 def model_card(res: dict, sha256: str, weights_name: str, command: str) -> str:
     "A short Markdown model card for the committed encoder: corpus, objective, schedule, time, accuracy, sha256."
     hp = res["hparams"]
-    obj = hp.get("objective", "image")
+    obj, corpus = hp.get("objective", "image"), hp.get("corpus", "shapes")
+    kinds = (f"{len(SHAPES)} silhouettes x {len(PATTERNS)} surface patterns, each with its own hue" if corpus == "shapes"
+             else "10 body looks x 10 part looks: a textured body in a hue family with a dotted disc inside; neither "
+                  "alone names the category")
     objective = dict(
         image=f"""cross-entropy (label smoothing {hp['label_smoothing']}) averaged over two linear read-outs, the
   class token and the mean patch token.""",
+        image_max=f"""cross-entropy (label smoothing {hp['label_smoothing']}) averaged over two linear read-outs, the
+  class token and the per-category maximum over the patch tokens' logits (the WSSS classifiers' pooling).""",
+        image_max_masked=f"""the two read-outs of 'image_max' (cross-entropy, label smoothing {hp['label_smoothing']})
+  plus masked-patch reconstruction on the same input ({MASK_RATIO:.0%} of the patches hidden, each final patch
+  token's linear read-out predicts its own patch's pixels, L1 on the hidden patches).""",
         mosaic=f"""per-token cross-entropy (label smoothing {hp['label_smoothing']}) on 2x2 mosaics of whole corpus
   images: every patch token's linear read-out learns the label of the image its tile came from.""",
         masked=f"""masked-patch reconstruction, no labels: {MASK_RATIO:.0%} of the patches of each image hidden (set
@@ -346,7 +438,8 @@ def model_card(res: dict, sha256: str, weights_name: str, command: str) -> str:
   the hidden patches.""")[obj]
     if "init_from" in hp: objective += f" Started from a finished run with {hp['init_from']['hparams']}."
     acc = (f"""- **Held-out accuracy** ({hp['eval_images']} images of the held-out stream, {N_CATEGORIES} classes, chance
-  {100 / N_CATEGORIES:.0f} %): class token {100 * res['acc_cls']:.1f} %, mean token {100 * res['acc_gap']:.1f} %.""" if obj != "masked"
+  {100 / N_CATEGORIES:.0f} %): class token {100 * res['acc_cls']:.1f} %, {'max over tokens' if 'image_max' in obj
+  else 'mean token'} {100 * res['acc_gap']:.1f} %.""" if obj != "masked"
            else "- **Held-out accuracy**: none (the masked objective trains no classifier).")
     return f"""# {weights_name}
 
@@ -355,8 +448,8 @@ sha256: `{sha256}`
 - **Encoder**: `{hp['arch']}` (timm `vit_tiny_patch16_224` with patch 8, 6 blocks, width 192, 3 heads; stored grid
   16x16 = 128 px, positional embedding resized bicubically from the {hp['size'] // 8}x{hp['size'] // 8} grid it was
   trained at). No classifier head in the file.
-- **Corpus**: the procedural corpus of `synernet.pretrain` (version {CORPUS_VERSION}): {N_CATEGORIES} categories
-  ({len(SHAPES)} silhouettes x {len(PATTERNS)} surface patterns, each with its own hue), one whole object per
+- **Corpus**: the procedural corpus of `synernet.pretrain` (version {CORPUS_VERSION}, `corpus='{corpus}'`):
+  {N_CATEGORIES} categories ({kinds}), one whole object per
   {hp['size']} px image on cluttered backgrounds, image-level labels only, its own seed stream (never an image of the
   WSSS synthetic set). No pixel mask is used.
 - **Objective**: {objective}

@@ -18,6 +18,9 @@ ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("--root", default="", help="synthetic set folder (default: the demo's, which `make demo` writes)")
 ap.add_argument("--weights", nargs="*", default=["none", "committed"],
                 help="encoders to probe: 'none' (random init), 'committed' (synernet/weights), or .safetensors files")
+ap.add_argument("--block", type=int, default=None,
+                help="probe the pre-LayerNorm tokens of this block (e.g. 2 or -3, ToCo's auxiliary layer) instead of "
+                     "the final tokens")
 args = ap.parse_args() if __name__ == "__main__" else ap.parse_args([])
 root = Path(args.root) if args.root else default_root(make_config("base", dataset="synthetic"))
 if not (root / "cls_labels_onehot.npy").is_file(): sys.exit(f"no synthetic set at {root}: run a demo first")
@@ -38,7 +41,9 @@ def load(split):
 @torch.no_grad()
 def feats(bb, x):
     bb.eval(); out = []
-    for i in range(0, len(x), 50): out.append(bb(x[i:i + 50]).tokens)
+    for i in range(0, len(x), 50):
+        if args.block is None: out.append(bb(x[i:i + 50]).tokens)
+        else: out.append(bb(x[i:i + 50], aux_blocks=(args.block,)).block(args.block))
     return torch.cat(out)                                   # [N, 144, D]
 
 def probe(tr, ytr, va, yva, Mva, seed=0):
