@@ -11,15 +11,17 @@ import regime_report as rr
 
 @pytest.fixture(scope="module")
 def defaults():
-    return {p: rr.default_config(p, "synthetic") for p in ("toco", "dskd_gc")}
+    return {p: rr.default_config(p, "synthetic") for p in ("toco", "dskd_gc", "synernet")}
 
 
-def fake_run(root, name, defaults, preset, seed, metrics, **changes):
+def fake_run(root, name, defaults, preset, seed, metrics, nested=None, **changes):
+    "A finished run: top-level summary metrics as the learner writes them, and `nested` under summary['metrics']."
     d = root / name
     d.mkdir(parents=True)
     cfg = dict(defaults[preset], seed=seed, out_dir=str(d), **changes)
     (d / "config.json").write_text(json.dumps(cfg, default=list))
-    (d / "summary.json").write_text(json.dumps(dict(preset=preset, seed=seed, train_seconds=1.0, **metrics)))
+    (d / "summary.json").write_text(json.dumps(dict(preset=preset, seed=seed, train_seconds=1.0, metrics=nested or {},
+                                                    **metrics)))
     return d
 
 
@@ -32,9 +34,10 @@ def test_tables_from_run_folders(tmp_path, defaults):
              weights_file="/x/enc.safetensors")                                          # an encoder
     fake_run(tmp_path, "e", defaults, "dskd_gc", 0, dict(m(25.0, 20.0, 18.0), pseudo_label_gc_miou=21.0))
     fake_run(tmp_path, "f", defaults, "dskd_gc", 1, dict(m(21.0, 20.0, 17.0), pseudo_label_gc_miou=17.0))
+    fake_run(tmp_path, "g", defaults, "synernet", 0, m(0.0, 20.0, 19.0), nested=dict(b_cam_miou=26.0))
     (tmp_path / "unfinished").mkdir()                                                    # no summary: left out
     runs = rr.load_runs([tmp_path])
-    assert len(runs) == 6
+    assert len(runs) == 7
     by = {Path(r["dir"]).name: r for r in runs}
     assert by["a"]["diff"] == {} and by["a"]["enc"] == {}
     assert by["c"]["diff"] == {"w_ptc": 0.0} and by["d"]["enc"] == {"weights": "enc.safetensors"}
@@ -42,9 +45,10 @@ def test_tables_from_run_folders(tmp_path, defaults):
     assert "| w_ptc=0.0 | from scratch | 0 | 20.0 -> 17.0 (-3.0) |" in sw
     enc = rr.encoders(runs)
     assert "| enc.safetensors | 0 | 20.0 -> 10.0 |" in enc
-    order = rr.orderings(runs, ["toco", "dskd_gc", "synernet"])                          # synernet: no runs, left out
-    assert "`synernet`" not in order
+    order = rr.orderings(runs, ["toco", "dskd_gc", "synernet", "amr"])                   # amr: no runs, left out
+    assert "`amr`" not in order
     assert "| `toco` | 20.0 | 22.0 |" in order
+    assert "| `synernet` | 26.0 |  |" in order                                             # its CAM is B-CAM (nested)
     # dskd_gc - toco per seed: CAM +5, -1 -> mean +2.0, one seed of two with its sign; labels after GC: +3, -2
     row = next(l for l in order.splitlines() if l.startswith("| `dskd_gc` - `toco`"))
     assert "+2.0 +- 4.2 (1/2)" in row and "+0.5 +- 3.5 (1/2)" in row

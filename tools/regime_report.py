@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 IGNORED = {"out_dir", "data_root", "seed", "log_every", "eval_every", "ckpt_every", "progress", "log_level",
            "num_workers", "tensorboard", "device", "label_file"}
 ENCODER = {"pretrained", "weights_file"}
-MAPS = [("cam_miou", "CAM"), ("aux_cam_miou", "aux CAM"), ("bcam_miou", "B-CAM"), ("pcam_miou", "P-CAM"),
+MAPS = [("cam_miou", "CAM"), ("aux_cam_miou", "aux CAM"), ("b_cam_miou", "B-CAM"), ("p_cam_miou", "P-CAM"),
         ("pseudo_label_miou", "pseudo-label"), ("pseudo_label_gc_miou", "GC label"), ("seg_miou", "seg"),
         ("seg_miou_ms_crf", "seg MS+CRF")]
 
@@ -55,7 +55,8 @@ def load_runs(roots) -> list[dict]:
             elif "weights_file" in enc: enc = dict(weights=Path(enc["weights_file"]).name)
             else: enc = dict(weights="committed")
             runs.append(dict(dir=str(d), preset=cfg["preset"], seed=cfg["seed"], diff=diff, enc=enc,
-                             metrics={k: s[k] for k, _ in MAPS if isinstance(s.get(k), (int, float))},
+                             metrics={k: m[k] for m in ({**s.get("metrics", {}), **s},) for k, _ in MAPS
+                                      if isinstance(m.get(k), (int, float))},
                              seconds=s.get("train_seconds")))
     return runs
 
@@ -133,7 +134,7 @@ def orderings(runs, methods) -> str:
     pick = lambda m, s: base.get((m, s))
     # the pseudo-label a method trains its decoder on, and its segmentation
     label_key = lambda m: "pseudo_label_gc_miou" if m == "dskd_gc" else "pseudo_label_miou"
-    cam_key = lambda m: "bcam_miou" if m.startswith("synernet") else "cam_miou"
+    cam_key = lambda m: "b_cam_miou" if m.startswith("synernet") else "cam_miou"
     keys = [("CAM", cam_key), ("pseudo-label", label_key), ("seg", lambda m: "seg_miou"),
             ("seg MS+CRF", lambda m: "seg_miou_ms_crf")]
     out = ["### Methods from scratch, per seed (CAM: B-CAM for SynerNet; pseudo-label: after GC for DSKD+GC)", "",
