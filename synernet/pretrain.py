@@ -14,17 +14,17 @@ import torch.nn.functional as F
 import timm
 
 from .backbone import DEMO_ARCHS, ViTBackbone, card_sha256, file_sha256, resize_token_pos_embed
-from .synthetic import (BODY_TEXTURES, DOT_FRACTION, body_radius, body_shape, draw_background, hsv,
-                                paint_body, small_shape, smooth_noise)
+from .synthetic import (BODY_TEXTURES, body_colour, body_radius, body_shape, draw_background, hsv, paint_body,
+                                paint_part, part_shape, small_shape, smooth_noise)
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 # %% auto #0
 __all__ = ['CORPUS_VERSION', 'CORPUS_ENTROPY', 'TRAIN', 'HELDOUT', 'SHAPES', 'PATTERNS', 'N_CATEGORIES', 'HUE_SPREAD',
            'CATEGORY_HUE', 'CORPORA', 'THING_BODY_HUE', 'THING_PART_HUE', 'THING_TAG', 'PRETRAIN_DEFAULTS',
-           'OBJECTIVES', 'MASK_RATIO', 'category_name', 'corpus_rng', 'shape_mask', 'pattern_layer',
-           'render_corpus_item', 'thing_name', 'render_thing_item', 'corpus_item', 'corpus_batch', 'mosaic_batch',
-           'PretrainNet', 'param_groups', 'lr_at', 'evaluate', 'patch_mask', 'patchify', 'masked_loss', 'pretrain',
-           'encoder_state', 'save_encoder', 'model_card']
+           'OBJECTIVES', 'MAX_POOLED', 'PIXEL_HEAD', 'MASK_RATIO', 'category_name', 'corpus_rng', 'shape_mask',
+           'pattern_layer', 'render_corpus_item', 'thing_name', 'render_thing_item', 'corpus_item', 'corpus_batch',
+           'mosaic_batch', 'PretrainNet', 'param_groups', 'lr_at', 'evaluate', 'token_pool', 'patch_mask', 'patchify',
+           'masked_loss', 'pretrain', 'encoder_state', 'save_encoder', 'model_card']
 
 # %% ../nbs/02a_pretrain.ipynb #359abc6b
 CORPUS_VERSION = 1                                    # bump on any change of the images drawn
@@ -161,19 +161,14 @@ def render_thing_item(rng: np.random.Generator, size: int = 64):
               phi=rng.uniform(0, np.pi), n=rng.uniform(2.0, 4.0),
               wob=[(rng.uniform(-0.07, 0.07), rng.uniform(0, 6.3)) for _ in range(3)])
     body = body_shape(yy, xx, **sh)
-    for _ in range(20):
-        c = hsv(THING_BODY_HUE[b] + rng.normal(0, 0.025), rng.uniform(0.3, 0.55), rng.uniform(0.35, 0.9))
-        if np.abs(c - bg_mean).sum() > 0.35: break
-    paint_body(rng, img, body, c, BODY_TEXTURES[b % 3])
+    paint_body(rng, img, body, body_colour(rng, bg_mean, THING_BODY_HUE[b]), BODY_TEXTURES[b % 3])
     r = s * rng.uniform(4.5, 6.5)                                       # part radius
     ang = rng.uniform(0, 2 * np.pi)
     R = body_radius(sh["cy"], sh["cx"], a, bb, sh["phi"], sh["n"], sh["wob"], ang)
     dist = max(0.0, min(R - r - 1.0, rng.uniform(0.3, 0.8) * R))
     pcy, pcx = sh["cy"] + dist * np.sin(ang), sh["cx"] + dist * np.cos(ang)
-    d2 = (yy - pcy) ** 2 + (xx - pcx) ** 2
-    part, dot = (d2 <= r * r) & body, (d2 <= (DOT_FRACTION * r) ** 2) & body
-    img[part] = hsv(THING_PART_HUE[p % 5] + rng.uniform(-0.02, 0.02), rng.uniform(0.85, 1.0), rng.uniform(0.85, 1.0))
-    img[dot] = hsv(0, rng.uniform(0, 0.1), rng.uniform(0.9, 1.0)) if p < 5 else hsv(0, 0, rng.uniform(0.03, 0.12))
+    part, dot = part_shape(yy, xx, pcy, pcx, r)
+    paint_part(rng, img, part & body, dot & body, THING_PART_HUE[p % 5], "white" if p < 5 else "black")
     img = np.clip(img + rng.normal(0, 0.012, img.shape).astype(np.float32), 0, 1)
     return (img * 255 + 0.5).astype(np.uint8), k, body
 
@@ -220,12 +215,16 @@ class PretrainNet(nn.Module):
             p = self.enc.patch_size[0]
             self.head_pix = nn.Linear(self.enc.embed_dim, 3 * p * p)
 
-    def forward(self, x, attn_blocks=(), token_pool: str = "mean"):
-        "(class-token logits, pooled-token logits, encoder output); `token_pool`: 'mean' (of the tokens) or 'max' (of"
-        " each class's per-token logits, as the WSSS classifiers pool)."
-        o = self.enc(x, attn_blocks=attn_blocks)
+    def readouts(self, o, token_pool: str = "mean"):
+        "(class-token logits, pooled-token logits) of encoder output `o`; `token_pool`: 'mean' (of the tokens) or 'max'"
+        " (of each class's per-token logits, as the WSSS classifiers pool)."
         pooled = self.head_gap(o.tokens.mean(1)) if token_pool == "mean" else self.head_gap(o.tokens).amax(1)
-        return self.head_cls(o.cls), pooled, o
+        return self.head_cls(o.cls), pooled
+
+    def forward(self, x, attn_blocks=(), token_pool: str = "mean"):
+        "(class-token logits, pooled-token logits, encoder output)."
+        o = self.enc(x, attn_blocks=attn_blocks)
+        return *self.readouts(o, token_pool), o
 
 def _resize_pos(sd: dict, net: "PretrainNet") -> dict:
     "A PretrainNet state dict with its positional grids resized (bicubic) to `net`'s token grid."
@@ -264,6 +263,12 @@ PRETRAIN_DEFAULTS = dict(arch="vit_tiny_p8_demo", size=64, steps=3000, batch_siz
                          warmup=150, label_smoothing=0.1, clip=1.0, seed=0, eval_images=1000, objective="image",
                          init_from="", corpus="shapes")
 OBJECTIVES = ("image", "image_max", "mosaic", "masked", "image_max_masked", "mosaic_max")
+MAX_POOLED = ("image_max", "image_max_masked", "mosaic_max")   # objectives whose token read-out max-pools logits
+PIXEL_HEAD = ("masked", "image_max_masked")                    # objectives that train the pixel read-out
+
+def token_pool(objective: str) -> str:
+    "How `objective`'s token read-out pools: 'max' (of per-token logits) or 'mean' (of the tokens)."
+    return "max" if objective in MAX_POOLED else "mean"
 MASK_RATIO = 0.5                                      # the masked objective: share of patches hidden per image
 
 def patch_mask(n: int, g: int, seed: int, step: int, ratio: float = MASK_RATIO) -> torch.Tensor:
@@ -321,7 +326,7 @@ def pretrain(work_dir, steps: int = 3000, batch_size: int = 32, lr: float = 1e-3
     if objective != "image": hp["objective"] = objective        # v1 checkpoints (no key) stay resumable
     if corpus != "shapes": hp["corpus"] = corpus
     torch.manual_seed(seed)
-    net = PretrainNet(arch, size, pixel_head=objective in ("masked", "image_max_masked"))
+    net = PretrainNet(arch, size, pixel_head=objective in PIXEL_HEAD)
     if init_from:
         prev = torch.load(init_from, map_location="cpu", weights_only=True)
         if prev["step"] != prev["hparams"]["steps"]: raise ValueError(f"{init_from} is an unfinished run")
@@ -347,7 +352,7 @@ def pretrain(work_dir, steps: int = 3000, batch_size: int = 32, lr: float = 1e-3
         for g in opt.param_groups: g["lr"] = lr_at(step, steps, lr, warmup)
         if objective in ("image", "image_max"):
             x, y = corpus_batch(TRAIN, step * batch_size, batch_size, size, corpus)
-            lc, lg, _ = net(x, token_pool="max" if objective == "image_max" else "mean")
+            lc, lg, _ = net(x, token_pool=token_pool(objective))
             loss = 0.5 * (F.cross_entropy(lc, y, label_smoothing=label_smoothing) +
                           F.cross_entropy(lg, y, label_smoothing=label_smoothing))
         elif objective == "masked":
@@ -357,8 +362,9 @@ def pretrain(work_dir, steps: int = 3000, batch_size: int = 32, lr: float = 1e-3
             x, y = corpus_batch(TRAIN, step * batch_size, batch_size, size, corpus)
             rec, o = masked_loss(net, x, patch_mask(batch_size, size // net.enc.patch_size[0], seed, step),
                                  return_out=True)
-            loss = rec + 0.5 * (F.cross_entropy(net.head_cls(o.cls), y, label_smoothing=label_smoothing) +
-                                F.cross_entropy(net.head_gap(o.tokens).amax(1), y, label_smoothing=label_smoothing))
+            lc, lg = net.readouts(o, "max")
+            loss = rec + 0.5 * (F.cross_entropy(lc, y, label_smoothing=label_smoothing) +
+                                F.cross_entropy(lg, y, label_smoothing=label_smoothing))
         elif objective == "mosaic_max":
             x, _, yl = mosaic_batch(TRAIN, step * batch_size, batch_size, size, net.enc.patch_size[0], corpus)
             o = net.enc(x)
@@ -386,8 +392,7 @@ def pretrain(work_dir, steps: int = 3000, batch_size: int = 32, lr: float = 1e-3
     if step < steps: return net, None
     res = dict(hparams=hp, history=hist, train_seconds=round(time.time() - t0, 1),
                images_seen=steps * batch_size,
-               **evaluate(net, eval_images, corpus=corpus,
-                          token_pool="max" if objective in ("image_max", "image_max_masked", "mosaic_max") else "mean"))
+               **evaluate(net, eval_images, corpus=corpus, token_pool=token_pool(objective)))
     log(f"held-out accuracy: class token {res['acc_cls']:.3f}, mean token {res['acc_gap']:.3f}")
     return net, res
 
@@ -431,6 +436,9 @@ def model_card(res: dict, sha256: str, weights_name: str, command: str) -> str:
         image_max_masked=f"""the two read-outs of 'image_max' (cross-entropy, label smoothing {hp['label_smoothing']})
   plus masked-patch reconstruction on the same input ({MASK_RATIO:.0%} of the patches hidden, each final patch
   token's linear read-out predicts its own patch's pixels, L1 on the hidden patches).""",
+        mosaic_max=f"""cross-entropy (label smoothing {hp['label_smoothing']}) on 2x2 mosaics of whole corpus images,
+  each tile's category read out by the per-category maximum over that tile's patch-token logits, plus a multi-label
+  BCE of the class token on the mosaic's four categories.""",
         mosaic=f"""per-token cross-entropy (label smoothing {hp['label_smoothing']}) on 2x2 mosaics of whole corpus
   images: every patch token's linear read-out learns the label of the image its tile came from.""",
         masked=f"""masked-patch reconstruction, no labels: {MASK_RATIO:.0%} of the patches of each image hidden (set
@@ -438,7 +446,7 @@ def model_card(res: dict, sha256: str, weights_name: str, command: str) -> str:
   the hidden patches.""")[obj]
     if "init_from" in hp: objective += f" Started from a finished run with {hp['init_from']['hparams']}."
     acc = (f"""- **Held-out accuracy** ({hp['eval_images']} images of the held-out stream, {N_CATEGORIES} classes, chance
-  {100 / N_CATEGORIES:.0f} %): class token {100 * res['acc_cls']:.1f} %, {'max over tokens' if 'image_max' in obj
+  {100 / N_CATEGORIES:.0f} %): class token {100 * res['acc_cls']:.1f} %, {'max over tokens' if obj in MAX_POOLED
   else 'mean token'} {100 * res['acc_gap']:.1f} %.""" if obj != "masked"
            else "- **Held-out accuracy**: none (the masked objective trains no classifier).")
     return f"""# {weights_name}

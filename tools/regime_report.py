@@ -13,7 +13,7 @@ aside), so no run is named by hand. Three tables come out, each built only from 
 
 Usage: `python tools/regime_report.py RUN_ROOT [RUN_ROOT ...] [--methods toco dskd_gc synernet] [--out FILE]`
 """
-import argparse, json, math, sys
+import argparse, json, sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,10 +78,10 @@ def _fmt(v, signed=False) -> str:
 
 
 def mean_std(xs):
-    xs = [x for x in xs if x is not None]
-    if not xs: return None, None, 0
-    m = sum(xs) / len(xs)
-    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0), len(xs)
+    "(mean, sample std (0 for one value), n) of the values that exist; (None, None, 0) when none does."
+    from synernet.tables import mean_std as tables_mean_std
+    m, sd, n = tables_mean_std(xs)
+    return (None, None, 0) if not n else (m, sd if n > 1 else 0.0, n)
 
 
 def switches(runs) -> str:
