@@ -40,11 +40,11 @@ def test_tables_from_run_folders(tmp_path, defaults):
     assert len(runs) == 7
     by = {Path(r["dir"]).name: r for r in runs}
     assert by["a"]["diff"] == {} and by["a"]["enc"] == {}
-    assert by["c"]["diff"] == {"w_ptc": 0.0} and by["d"]["enc"] == {"weights": "enc.safetensors"}
+    assert by["c"]["diff"] == {"w_ptc": 0.0} and by["d"]["enc"] == {"weights": "x/enc.safetensors"}
     sw = rr.switches(runs)
     assert "| w_ptc=0.0 | from scratch | 0 | 20.0 -> 17.0 (-3.0) |" in sw
     enc = rr.encoders(runs)
-    assert "| enc.safetensors | 0 | 20.0 -> 10.0 |" in enc
+    assert "| x/enc.safetensors | 0 | 20.0 -> 10.0 |" in enc
     order = rr.orderings(runs, ["toco", "dskd_gc", "synernet", "amr"])                   # amr: no runs, left out
     assert "`amr`" not in order
     assert "| `toco` | 20.0 | 22.0 |" in order

@@ -7,7 +7,11 @@
 # same command continues. The pretrained-encoder rows need the things encoder first:
 #   OMP_NUM_THREADS=1 python -m synernet.pretrain runs/pt_things objective=image_max corpus=things size=64 steps=1500 warmup=100
 # and its encoder written from runs/pt_things/last.pt with synernet.pretrain.save_encoder to RUNS_DIR/things_1500.safetensors;
-# without that file those rows are left out.
+# without that file those rows are left out. The same holds for the encoders that keep tokens local
+# (nbs/02a_pretrain.ipynb, "Two objectives that keep the tokens local, fine-tuned"), each written the same way:
+#   RUNS_DIR/mosmax_1500.safetensors  from  python -m synernet.pretrain runs/pt_mosmax objective=mosaic_max corpus=things size=128 batch_size=8 steps=1500 warmup=100
+#   RUNS_DIR/mosmax_3000.safetensors  from  the same with steps=3000 (work dir runs/pt_mosmax3k)
+#   runs/pt_dino/teacher.safetensors  from  python tools/pretrain_dino.py runs/pt_dino 1200 32   (written by the tool)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-runs/v3}
@@ -27,6 +31,14 @@ if [ -f "$ENC" ]; then
          "toco_things_noptc_s0 toco 0 --pretrained True --weights_file $ENC --w_ptc 0"
          "toco_things_it1000_s0 toco 0 --pretrained True --weights_file $ENC --max_iters 1000 --eval_every 250")
 fi
+M15="$RUNS/mosmax_1500.safetensors" M30="$RUNS/mosmax_3000.safetensors" DINO=runs/pt_dino/teacher.safetensors
+for s in 0 1 2; do
+  [ -f "$M15" ] && jobs+=("toco_mosmax_s$s toco $s --pretrained True --weights_file $M15")
+  [ -f "$M30" ] && jobs+=("toco_mosmax3k_s$s toco $s --pretrained True --weights_file $M30")
+done
+[ -f "$M15" ] && jobs+=("synernet_mosmax_s0 synernet 0 --pretrained True --weights_file $M15"
+                        "synernet_mosmax_lr_s0 synernet 0 --pretrained True --weights_file $M15 --lr 1.2e-4")
+[ -f "$DINO" ] && jobs+=("toco_dino_s0 toco 0 --pretrained True --weights_file $DINO")
 run() {
   set -- $1
   name=$1 preset=$2 seed=$3; shift 3

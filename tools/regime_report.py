@@ -52,7 +52,7 @@ def load_runs(roots) -> list[dict]:
             diff = {k: v for k, v in cfg.items() if k not in IGNORED and k in ref and _norm(v) != _norm(ref[k])}
             enc = {k: diff.pop(k) for k in list(diff) if k in ENCODER}
             if not enc.get("pretrained", ref["pretrained"]): enc = {}
-            elif "weights_file" in enc: enc = dict(weights=Path(enc["weights_file"]).name)
+            elif "weights_file" in enc: enc = dict(weights="/".join(Path(enc["weights_file"]).parts[-2:]))  # folder/file
             else: enc = dict(weights="committed")
             runs.append(dict(dir=str(d), preset=cfg["preset"], seed=cfg["seed"], diff=diff, enc=enc,
                              metrics={k: m[k] for m in ({**s.get("metrics", {}), **s},) for k, _ in MAPS
