@@ -24,7 +24,7 @@ __all__ = ['CORPUS_VERSION', 'CORPUS_ENTROPY', 'TRAIN', 'HELDOUT', 'SHAPES', 'PA
            'OBJECTIVES', 'MAX_POOLED', 'PIXEL_HEAD', 'MASK_RATIO', 'category_name', 'corpus_rng', 'shape_mask',
            'pattern_layer', 'render_corpus_item', 'thing_name', 'render_thing_item', 'corpus_item', 'corpus_batch',
            'mosaic_batch', 'PretrainNet', 'param_groups', 'lr_at', 'evaluate', 'token_pool', 'patch_mask', 'patchify',
-           'masked_loss', 'pretrain', 'encoder_state', 'save_encoder', 'model_card']
+           'hide_patches', 'masked_loss', 'pretrain', 'encoder_state', 'save_encoder', 'model_card']
 
 # %% ../nbs/02a_pretrain.ipynb #359abc6b
 CORPUS_VERSION = 1                                    # bump on any change of the images drawn
@@ -283,13 +283,16 @@ def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
     n, c, H, W = x.shape
     return x.reshape(n, c, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(n, (H // p) * (W // p), c * p * p)
 
+def hide_patches(x: torch.Tensor, hide: torch.Tensor, p: int) -> torch.Tensor:
+    "`x` [n, 3, g*p, g*p] with the patches that `hide` [n, g*g] marks (row-major) set to 0, the normalised mean colour."
+    g = x.shape[-1] // p
+    return x.masked_fill(hide.view(-1, 1, g, 1, g, 1).expand(-1, 1, g, p, g, p).reshape(x.shape[0], 1, g * p, g * p), 0.0)
+
 def masked_loss(net: "PretrainNet", x: torch.Tensor, hide: torch.Tensor, return_out: bool = False):
     """The masked objective: hidden patches are set to 0 (the normalised mean colour) in the input, and the L1 error of
     the tokens' pixel read-out on the hidden patches' original pixels is the loss."""
     p = net.enc.patch_size[0]
-    g = x.shape[-1] // p
-    m = hide.view(-1, 1, g, 1, g, 1).expand(-1, 1, g, p, g, p).reshape(x.shape[0], 1, g * p, g * p)
-    o = net.enc(x.masked_fill(m, 0.0))
+    o = net.enc(hide_patches(x, hide, p))
     err = (net.head_pix(o.tokens) - patchify(x, p)).abs().mean(-1)
     return (err[hide].mean(), o) if return_out else err[hide].mean()
 

@@ -8,8 +8,9 @@ Measured result and reading: nbs/02a_pretrain.ipynb, "Two objectives that keep t
 usage: OMP_NUM_THREADS=1 python tools/pretrain_dino.py WORK STEPS [BATCH]   (1200 steps of 32: 38 min on one thread)"""
 import sys, math, copy, time, json
 from pathlib import Path
-import numpy as np, torch, torch.nn as nn, torch.nn.functional as F
-from synernet.pretrain import PretrainNet, corpus_batch, TRAIN, param_groups, lr_at, save_encoder, _atomic_save
+import torch, torch.nn as nn, torch.nn.functional as F
+from synernet.pretrain import (PretrainNet, corpus_batch, TRAIN, param_groups, lr_at, save_encoder, _atomic_save,
+                               hide_patches)
 
 torch.set_num_threads(1)
 work = Path(sys.argv[1]); steps = int(sys.argv[2]); bs = int(sys.argv[3]) if len(sys.argv) > 3 else 32
@@ -35,7 +36,7 @@ class Net(nn.Module):
         o = s.pn.enc(x)
         return s.head(o.cls), s.head(o.tokens)
 
-def crops(x, n, side, scale, gen):
+def crops(x, side, scale, gen):
     B, _, H, W = x.shape; out = []
     for i in range(B):
         a = float(torch.empty(1).uniform_(*scale, generator=gen)) * H * W
@@ -60,29 +61,28 @@ if ck.is_file():
     c_cls, c_pat, step, hist = st["c_cls"], st["c_pat"], st["step"], st["hist"]; t0 -= st["secs"]
 gen = torch.Generator().manual_seed(1234 + step)
 lr, tt, ts = 5e-4, 0.04, 0.1
+P = stu.pn.enc.patch_size[0]
+ce = lambda q, s: -(q * F.log_softmax(s / ts, -1)).sum(-1)    # teacher probabilities q, student logits s
 while step < steps:
     for g in opt.param_groups: g["lr"] = lr_at(step, steps, lr, 100)
     m = 1 - (1 - 0.99) * (math.cos(math.pi * step / steps) + 1) / 2
     x, _ = corpus_batch(TRAIN, step * bs, bs, 96, "things")
-    gl = [crops(x, bs, G, (0.35, 1.0), gen) for _ in range(2)]
-    lo = [crops(x, bs, L, (0.08, 0.35), gen) for _ in range(N_LOCAL)]
+    gl = [crops(x, G, (0.35, 1.0), gen) for _ in range(2)]
+    lo = [crops(x, L, (0.08, 0.35), gen) for _ in range(N_LOCAL)]
     with torch.no_grad():
         tc, tp = zip(*[tea(v) for v in gl])
         pc = [F.softmax((t - c_cls) / tt, -1) for t in tc]
         pp = [F.softmax((t - c_pat) / tt, -1) for t in tp]
-    g = G // 8
     loss_c, n_c, loss_p = 0.0, 0, 0.0
     for vi, v in enumerate(gl):
-        hide = torch.rand(bs, g * g, generator=gen) < MASK
-        mk = hide.view(bs, 1, g, 1, g, 1).expand(-1, 1, g, 8, g, 8).reshape(bs, 1, G, G)
-        sc, sp = stu(v.masked_fill(mk, 0.0))
+        hide = torch.rand(bs, (G // P) ** 2, generator=gen) < MASK
+        sc, sp = stu(hide_patches(v, hide, P))
         for ti in range(2):
-            if ti != vi: loss_c = loss_c - (pc[ti] * F.log_softmax(sc / ts, -1)).sum(-1).mean(); n_c += 1
-        lp = -(pp[vi] * F.log_softmax(sp / ts, -1)).sum(-1)
-        loss_p = loss_p + lp[hide].mean() / 2
+            if ti != vi: loss_c = loss_c + ce(pc[ti], sc).mean(); n_c += 1
+        loss_p = loss_p + ce(pp[vi], sp)[hide].mean() / 2
     for v in lo:
         sc, _ = stu(v)
-        for ti in range(2): loss_c = loss_c - (pc[ti] * F.log_softmax(sc / ts, -1)).sum(-1).mean(); n_c += 1
+        for ti in range(2): loss_c = loss_c + ce(pc[ti], sc).mean(); n_c += 1
     loss = loss_c / n_c + loss_p
     opt.zero_grad(set_to_none=True); loss.backward()
     torch.nn.utils.clip_grad_norm_(stu.parameters(), 3.0); opt.step()
@@ -90,12 +90,11 @@ while step < steps:
         for a, b in zip(tea.parameters(), stu.parameters()): a.mul_(m).add_(b.detach(), alpha=1 - m)
         c_cls = 0.9 * c_cls + 0.1 * torch.cat(tc).mean(0)
         c_pat = 0.9 * c_pat + 0.1 * torch.cat(tp).flatten(0, 1).mean(0)
-        ent = float(-(pc[0] * (pc[0] + 1e-9).log()).sum(-1).mean())
-        used = int(pc[0].argmax(-1).unique().numel())
     step += 1
-    if step % 25 == 0:
-        hist.append(dict(step=step, loss=loss.item(), lc=float(loss_c.detach()) / n_c, lp=loss_p.item(), ent=ent, used=used,
-                         secs=round(time.time() - t0)))
+    if step % 25 == 0:              # teacher entropy and prototypes in use on the first global crop: collapse watch
+        ent = float(-(pc[0] * (pc[0] + 1e-9).log()).sum(-1).mean()); used = int(pc[0].argmax(-1).unique().numel())
+        hist.append(dict(step=step, loss=loss.item(), lc=float(loss_c.detach()) / n_c, lp=loss_p.item(), ent=ent,
+                         used=used, secs=round(time.time() - t0)))
         print(json.dumps(hist[-1]), flush=True)
     if step % 250 == 0 or step == steps:
         _atomic_save(dict(stu=stu.state_dict(), tea=tea.state_dict(), opt=opt.state_dict(), c_cls=c_cls, c_pat=c_pat,

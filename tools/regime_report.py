@@ -54,9 +54,9 @@ def load_runs(roots) -> list[dict]:
             if not enc.get("pretrained", ref["pretrained"]): enc = {}
             elif "weights_file" in enc: enc = dict(weights="/".join(Path(enc["weights_file"]).parts[-2:]))  # folder/file
             else: enc = dict(weights="committed")
+            m = {**s.get("metrics", {}), **s}            # the learner nests the branch maps under 'metrics'
             runs.append(dict(dir=str(d), preset=cfg["preset"], seed=cfg["seed"], diff=diff, enc=enc,
-                             metrics={k: m[k] for m in ({**s.get("metrics", {}), **s},) for k, _ in MAPS
-                                      if isinstance(m.get(k), (int, float))},
+                             metrics={k: m[k] for k, _ in MAPS if isinstance(m.get(k), (int, float))},
                              seconds=s.get("train_seconds")))
     return runs
 
