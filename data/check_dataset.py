@@ -4,7 +4,7 @@
 Thin wrapper over `python -m synernet.data check` (see data/README.md); `--help` lists the options."""
 import sys
 
-from synernet.data import main
+from synernet.data.datasets import main
 
 if __name__ == "__main__":
     main(["check"] + sys.argv[1:])

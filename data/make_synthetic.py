@@ -4,7 +4,7 @@
 Thin wrapper over `python -m synernet.data synthetic` (see data/README.md); `--help` lists the options."""
 import sys
 
-from synernet.data import main
+from synernet.data.datasets import main
 
 if __name__ == "__main__":
     main(["synthetic"] + sys.argv[1:])

@@ -4,7 +4,7 @@
 Thin wrapper over `python -m synernet.data sbd` (see data/README.md); `--help` lists the options."""
 import sys
 
-from synernet.data import main
+from synernet.data.datasets import main
 
 if __name__ == "__main__":
     main(["sbd"] + sys.argv[1:])

@@ -1,4 +1,4 @@
-"""Reference parity with ToCo for the CAM notebooks (synernet.cam, synernet.par); see test_reference.py.
+"""Reference parity with ToCo for the CAM notebooks (synernet.ops.cam, synernet.ops.par); see test_reference.py.
 
 Families: cam_to_label, cam_to_roi_mask2, multi_scale_cam2, par, refine_cams_with_bkg_v2. Each check runs in
 float64 and in float32 with the tolerances of the fixtures README (section 3). Nothing below depends on case names
@@ -8,8 +8,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from synernet.cam import cam_to_label, cam_to_roi_mask, multi_scale_cam, token_labels, valid_cam
-from synernet.par import PAR, refine_cams_with_bkg
+from synernet.ops.cam import cam_to_label, cam_to_roi_mask, multi_scale_cam, token_labels, valid_cam
+from synernet.ops.par import PAR, refine_cams_with_bkg
 
 DTYPES = (torch.float64, torch.float32)
 # ToCo's token grid is that of ViT-B/16: the README defines `img_box_scaled = img_box // 16`.

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from synernet.losses import label_to_aff_mask, ptc_loss, seg_loss, ctc_loss
-from synernet.metrics import Confusion, confusion_matrix, scores, pseudo_scores
+from synernet.ops.losses import label_to_aff_mask, ptc_loss, seg_loss, ctc_loss
+from synernet.ops.metrics import Confusion, confusion_matrix, scores, pseudo_scores
 
 DTYPES = (torch.float64, torch.float32)
 

@@ -3,14 +3,14 @@ tests/fixtures/toco/README.md, section 4.10).
 
 Protocol: see test_reference.py. Each case gives the initial lr of every parameter group, the schedule's settings and
 the group lrs read after `steps[k]` calls of the scheduler's `step()` (the lr used by update number `steps[k]`,
-computed from t = steps[k] - 1). The check drives `synernet.toco.WarmupLR` on a real AdamW with one group per
+computed from t = steps[k] - 1). The check drives `synernet.models.toco.WarmupLR` on a real AdamW with one group per
 `init_lr` entry, compares every requested row (rtol 1e-12), the dense group-0 trace where the case has one, and the
 pure function `poly_warmup_factor` on the same steps. Nothing depends on case names, shapes or values.
 """
 import numpy as np
 import torch
 
-from synernet.toco import WarmupLR, poly_warmup_factor
+from synernet.models.toco import WarmupLR, poly_warmup_factor
 
 RTOL = 1e-12
 

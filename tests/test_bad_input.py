@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from synernet.data import make_toy_voc
-from synernet.train import main
+from synernet.data.datasets import make_toy_voc
+from synernet.engine.runs import main
 
 PY = sys.executable
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -56,7 +56,7 @@ def test_cli_refuses_an_unsafe_checkpoint(tmp_path, capsys):
         def __reduce__(self): return (os.system, (f"touch {marker}",))
     (tmp_path / "r" / "checkpoints").mkdir(parents=True)
     argv = ["--preset", "toco", "--out_dir", str(tmp_path / "r"), *TINY]
-    from synernet.train import build_config
+    from synernet.engine.runs import build_config
     build_config(argv).save(tmp_path / "r" / "config.json")
     torch.save({"iter": 0, "x": Evil()}, tmp_path / "r" / "checkpoints" / "latest.pt")
     code, err = _cli(argv, capsys)
@@ -103,8 +103,8 @@ def test_papermill_bad_parameter(tmp_path, param, value, expect):
 def test_checkpoint_and_weights_of_another_method(tmp_path):
     "A checkpoint or exported weights whose modules are not the method's: refused, naming the module."
     from safetensors.torch import save_file
-    from synernet import learner as L
-    from synernet.train import load_weights
+    from synernet.engine import learner as L
+    from synernet.engine.runs import load_weights
     class M(L.Method):
         def __init__(self, names, width=4):
             super().__init__(None, None, "cpu"); self.modules = {n: torch.nn.Linear(2, width) for n in names}

@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from synernet.cam import box_mask, cam_to_label, cam_to_roi_mask, multi_scale_cam, token_labels
-from synernet.core import make_config
-from synernet.par import DIRECTIONS, PAR, refine_cams_with_bkg
+from synernet.ops.cam import box_mask, cam_to_label, cam_to_roi_mask, multi_scale_cam, token_labels
+from synernet.core.config import make_config
+from synernet.ops.par import DIRECTIONS, PAR, refine_cams_with_bkg
 
 D64 = torch.float64
 

@@ -3,7 +3,7 @@ import json, subprocess, sys
 import numpy as np
 import pytest
 import torch
-from synernet.core import (ConfigError, Config, RunDir, make_config, parse_cli, register_preset, seed_everything,
+from synernet.core.config import (ConfigError, Config, RunDir, make_config, parse_cli, register_preset, seed_everything,
                            start_run, CONFIG_KEYS, PRESETS)
 
 

@@ -11,12 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-import synernet.data as D
-from synernet.core import ConfigError, make_config
-from synernet.data import (LABEL_FILE, ClsDataset, SegDataset, build_cls_labels, check_dataset, coco_to_masks,
+import synernet.data.datasets as D
+from synernet.core.config import ConfigError, make_config
+from synernet.data.datasets import (LABEL_FILE, ClsDataset, SegDataset, build_cls_labels, check_dataset, coco_to_masks,
                            dataset_info, load_cls_labels, make_train_loader, make_val_loader, read_list, resolve_root,
                            save_cls_labels, save_mask, sbd_to_aug)
-from synernet.transforms import (IMAGENET_MEAN, IMAGENET_STD, DSKDTrainView, ToCoTrainView, box_mask, denormalize,
+from synernet.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, DSKDTrainView, ToCoTrainView, box_mask, denormalize,
                                  random_crop)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -474,7 +474,7 @@ def _tree_bytes(root: Path) -> dict:
 
 
 def test_synthetic_is_deterministic_and_in_voc_layout(tmp_path):
-    from synernet.synthetic import generate_synthetic
+    from synernet.data.synthetic import generate_synthetic
     generate_synthetic(tmp_path / "a", seed=3, n_train=12, n_val=5)
     generate_synthetic(tmp_path / "b", seed=3, n_train=12, n_val=5)
     generate_synthetic(tmp_path / "c", seed=4, n_train=12, n_val=5)
@@ -520,8 +520,8 @@ def test_synthetic_root_generation_and_marker(tmp_path, monkeypatch):
 def test_synthetic_design_has_the_two_failure_modes():
     """CAM-free checks of the design: the part names the class, the body only hints at it (generator v3: a typical
     class look 70 % of the time); context predicts its class."""
-    from synernet.synthetic import CONTEXT_OF, REGIONS, render_split_item
-    from synernet.data import SYNTHETIC_CLASSES
+    from synernet.data.synthetic import CONTEXT_OF, REGIONS, render_split_item
+    from synernet.data.datasets import SYNTHETIC_CLASSES
     C = 8
     body_rgb, part_rgb = [[] for _ in range(C)], [[] for _ in range(C)]
     ctx = {c: [0, 0, 0, 0] for c in CONTEXT_OF}              # with class: [pattern, n]; without: [pattern, n]

@@ -5,12 +5,12 @@ the authors' own code (its README describes every key):
 
 - function cases (`function_case_names`): the spatial BCE's ROI mask, the per-image thresholds, the spatial BCE and
   its gradient with respect to the logits, and the PTC token labels, on crafted inputs with their edge cases. Each
-  goes through the project's own function (`synernet.branches`, `synernet.cam.token_labels`);
+  goes through the project's own function (`synernet.ops.branches`, `synernet.ops.cam.token_labels`);
 - step cases (`case_names`): one whole iteration of the dual-branch recipe from the same stored initial weights. The
-  test builds the `synernet_code` preset in its compatibility mode (`synernet.synernet_method.SYNERNET_CODE_COMPAT`)
+  test builds the `synernet_code` preset in its compatibility mode (`synernet.methods.synernet.SYNERNET_CODE_COMPAT`)
   at the fixture's sizes, loads the weights through the authors' name map (`load_deformer_state_dict`), starts the
   optimiser and its schedule at the case's iteration with the stored AdamW moments, runs the project's own iteration
-  (`synernet.learner.train_iteration`, the code path of `Learner.fit`) and compares both branches' outputs, the
+  (`synernet.engine.learner.train_iteration`, the code path of `Learner.fit`) and compares both branches' outputs, the
   ROI mask and thresholds, both cross-fed pseudo-labels, the token labels, every named loss and the total, each
   group's learning rate, every gradient and every parameter after the update.
 
@@ -25,13 +25,13 @@ import pytest
 import torch
 
 from _parity import assert_close as _close, assert_grads, assert_labels as _labels, assert_params_after, load_family
-import synernet.synernet_method  # noqa: F401  (registers the method and the presets)
-from synernet.branches import per_image_thresholds, sbce_roi, spatial_bce_loss
-from synernet.cam import token_labels
-from synernet.core import make_config
-from synernet.learner import METHODS, train_iteration
-from synernet.synernet_method import SYNERNET_CODE_COMPAT, deformer_name, load_deformer_state_dict
-from synernet.toco import set_adamw_state
+import synernet.methods.synernet  # noqa: F401  (registers the method and the presets)
+from synernet.ops.branches import per_image_thresholds, sbce_roi, spatial_bce_loss
+from synernet.ops.cam import token_labels
+from synernet.core.config import make_config
+from synernet.engine.learner import METHODS, train_iteration
+from synernet.methods.synernet import SYNERNET_CODE_COMPAT, deformer_name, load_deformer_state_dict
+from synernet.models.toco import set_adamw_state
 
 FAMILY = "deformer_step"
 PRESET = "synernet_code"

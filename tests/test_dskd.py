@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from synernet.core import make_config, seed_everything
-import synernet.dskd_method  # noqa: F401
-from synernet.dskd import (DSKDMethod, DSKDNet, DSKDPlan, dskd_forward, ema_momentum, ema_update, flip_tokens,
+from synernet.core.config import make_config, seed_everything
+import synernet.methods.dskd  # noqa: F401
+from synernet.methods.dskd import (DSKDMethod, DSKDNet, DSKDPlan, dskd_forward, ema_momentum, ema_update, flip_tokens,
                            pseudo_label_study, punc_loss, punc_roi, sim_loss)
-from synernet.learner import Learner, unwrap
+from synernet.engine.learner import Learner, unwrap
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(proj_dim=64, proj_hidden=64, proj_bottleneck=32, decoder_dim=32)
@@ -233,7 +233,7 @@ def test_copy_at_switch():
 
 
 def test_bad_config():
-    from synernet.core import ConfigError
+    from synernet.core.config import ConfigError
     with pytest.raises(ConfigError, match="punc_low"):
         method(punc_low=0.8, punc_high=0.7)
     with pytest.raises(ConfigError, match="Valid choices"):
@@ -343,7 +343,7 @@ def test_papermill_train_notebook(tmp_path):
 
 def test_pseudo_label_study():
     "The offline before/after-GC study equals a direct computation from `eval_outputs` on the same images."
-    from synernet.metrics import pseudo_scores
+    from synernet.ops.metrics import pseudo_scores
     m = method()
     g = torch.Generator().manual_seed(5)
     items = [dict(img=torch.randn(3, 40, 48, generator=g), mask=torch.randint(0, 4, (40, 48), generator=g),

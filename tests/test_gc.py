@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from sklearn.mixture import GaussianMixture
 
-from synernet.cam import box_mask, valid_cam
-from synernet.gc import (DIRS, GC_DIAG, correct_labels, fit_gmm_batched, gaussian_correction, gmm_posterior,
+from synernet.ops.cam import box_mask, valid_cam
+from synernet.ops.gc import (DIRS, GC_DIAG, correct_labels, fit_gmm_batched, gaussian_correction, gmm_posterior,
                          label_confidence, neighbour_similarity, noise_posterior, pixel_similarity, subsample_valid)
 
 REG, TOL, ITERS = 5e-4, 1e-5, 50
@@ -283,8 +283,8 @@ def test_pixel_stride_similarity_matches_explicit_upsampling():
 def test_default_reading_is_the_max_activation():
     "The default confidence reading (issue 24): R1, the maximum class activation, in the config and the function."
     import inspect
-    from synernet.core import make_config
-    import synernet.dskd_method  # noqa: F401  (registers the dskd_gc preset)
+    from synernet.core.config import make_config
+    import synernet.methods.dskd  # noqa: F401  (registers the dskd_gc preset)
     assert make_config("base").gc_confidence == make_config("dskd_gc").gc_confidence == "cam_max"
     assert inspect.signature(gaussian_correction).parameters["confidence"].default == "cam_max"
 

@@ -1,4 +1,4 @@
-"""The GC label-noise bench (nbs/12a_gc_bench.ipynb): only what GC's rules guarantee, with no tuned threshold. On
+"""The GC label-noise bench (nbs/72_gc_bench.ipynb): only what GC's rules guarantee, with no tuned threshold. On
 grid-aligned scenes with noise-free features every feature edge is a ground-truth boundary, so GC sends pixels to
 background only inside the one-token boundary band, under every confidence reading and every kind of error; on clean
 labels GC cannot lower the error and every wrong label it makes lies in that band; it changes no pixel outside
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from synernet.gc import GC_READINGS, gaussian_correction
-from synernet.gc_bench import NOISES, corrupt, make_scene, run_bench
+from synernet.ops.gc import GC_READINGS, gaussian_correction
+from synernet.experiments.gc_bench import NOISES, corrupt, make_scene, run_bench
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from sklearn.metrics import confusion_matrix as sk_confusion_matrix, f1_score
 
-from synernet.core import make_config
-from synernet.losses import cls_loss, label_to_aff_mask, ptc_loss, crop_from_roi, ctc_loss, seg_loss
-from synernet.metrics import Confusion, confusion_matrix, scores, pseudo_scores, multilabel_f1, per_class_table
+from synernet.core.config import make_config
+from synernet.ops.losses import cls_loss, label_to_aff_mask, ptc_loss, crop_from_roi, ctc_loss, seg_loss
+from synernet.ops.metrics import Confusion, confusion_matrix, scores, pseudo_scores, multilabel_f1, per_class_table
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

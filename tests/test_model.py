@@ -14,10 +14,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from synernet.core import ConfigError, make_config
-from synernet.backbone import (PAPER_BACKBONE, WeightsUnavailableError, build_backbone, build_vit, ViTBackbone,
+from synernet.core.config import ConfigError, make_config
+from synernet.models.backbone import (PAPER_BACKBONE, WeightsUnavailableError, build_backbone, build_vit, ViTBackbone,
                                resize_pos_embed, to2d)
-from synernet.toco import (CTCHead, LargeFOV, ToCoNet, WarmupLR, build_optimizer, cosine_warmup_factor,
+from synernet.models.toco import (CTCHead, LargeFOV, ToCoNet, WarmupLR, build_optimizer, cosine_warmup_factor,
                            lr_param_groups, pool_tokens, poly_warmup_factor)
 
 TINY12 = "vit_tiny_patch16_224"     # 12 blocks like ViT-B, width 192: ToCo's block indexing at a small cost
@@ -182,7 +182,7 @@ def test_missing_download_fails_fast_without_network(monkeypatch, tmp_path):
 
 def test_hub_check_is_bounded_when_the_network_hangs(monkeypatch):
     import socket
-    from synernet.backbone import check_hub_reachable
+    from synernet.models.backbone import check_hub_reachable
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     def hang(*a, **k):                     # a lookup that does not return in time (then fails, as a real one would)
         time.sleep(10); raise OSError("timed out")

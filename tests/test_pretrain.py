@@ -1,4 +1,4 @@
-"""The demo encoder's pretrained weights (nbs/02a_pretrain.ipynb, nbs/pretrain.ipynb): the committed file matches its
+"""The demo encoder's pretrained weights (nbs/73_pretrain.ipynb, nbs/pretrain.ipynb): the committed file matches its
 model card and loads, the pretraining notebook runs end to end at a tiny size (and a rerun resumes to the same bytes),
 and a demo run starts from the committed weights with pretrained=True, or from scratch (the default), and says which in
 summary.json and env.json."""
@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from synernet.backbone import build_backbone, card_sha256, demo_weights, encoder_weights, file_sha256
+from synernet.models.backbone import build_backbone, card_sha256, demo_weights, encoder_weights, file_sha256
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -68,7 +68,7 @@ def test_pretrain_notebook_tiny_masked(tmp_path):
 
 @pytest.mark.parametrize("pretrained", [True, False])
 def test_demo_run_names_its_encoder_weights(tmp_path, pretrained):
-    from synernet.train import run_training
+    from synernet.engine.runs import run_training
     run = tmp_path / "run"
     run_training(preset="toco", dataset="synthetic", out_dir=str(run), pretrained=pretrained, max_iters=2,
                      batch_size=2, log_every=1, eval_every=0, eval_max_images=2, progress=False, final_eval="single",

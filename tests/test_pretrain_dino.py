@@ -2,8 +2,8 @@
 import subprocess, sys, os
 from pathlib import Path
 import torch
-from synernet.backbone import build_backbone
-from synernet.pretrain import PretrainNet, encoder_state
+from synernet.models.backbone import build_backbone
+from synernet.experiments.pretrain import PretrainNet, encoder_state
 
 ROOT = Path(__file__).resolve().parents[1]
 

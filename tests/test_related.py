@@ -1,5 +1,5 @@
 """The related mechanisms BMP (Zhu et al., TNNLS 2024), PSS (arXiv 2112.05351) and AMR (Qin et al., AAAI 2022) as
-switchable components of the ToCo and SynerNet methods: the sanity check of each (notebooks 18_bmp, 19_pss, 20_amr),
+switchable components of the ToCo and SynerNet methods: the sanity check of each (notebooks 60_bmp, 61_pss, 62_amr),
 switched-off mechanisms leave the host's run bit-identical, every preset trains end to end with its named losses in
 the metric lines and its label maps in the summary, and a run with all three mechanisms resumes exactly. Tiny
 settings throughout (batch 2, 2-4 iterations, the demo encoder)."""
@@ -9,17 +9,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from synernet.core import ConfigError, make_config
-from synernet.data import dataset_info
-from synernet.learner import Learner
-from synernet.toco import ToCoNet
-import synernet.toco_method as tm
-import synernet.synernet_method as sm
-from synernet.mechanisms import MECHANISMS
-from synernet.bmp import BMP, GatedDecoder, s2c_targets, s2c_loss
-from synernet.pss import PSS, SupportNet
-from synernet.amr import AMR, CompBranch, cam_consistency
-from synernet.mechanisms import capture_inputs
+from synernet.core.config import ConfigError, make_config
+from synernet.data.datasets import dataset_info
+from synernet.engine.learner import Learner
+from synernet.models.toco import ToCoNet
+import synernet.methods.toco as tm
+import synernet.methods.synernet as sm
+from synernet.engine.hooks import MECHANISMS
+from synernet.addons.bmp import BMP, GatedDecoder, s2c_targets, s2c_loss
+from synernet.addons.pss import PSS, SupportNet
+from synernet.addons.amr import AMR, CompBranch, cam_consistency
+from synernet.engine.hooks import capture_inputs
 
 TINY = dict(max_iters=2, batch_size=2, log_every=1, eval_every=0, ckpt_every=0, eval_max_images=2, final_eval="single",
             progress=False, seg_start=0, cam_scales=(1.0, 0.5), deterministic=True)
@@ -57,8 +57,8 @@ def test_registry_and_presets():
         mech = name.split("_")[-1]
         assert c[mech] and not any(c[m] for m in ("bmp", "pss", "amr") if m != mech)
         assert not make_config(host)[mech]
-    from synernet.train import import_methods
-    assert {"bmp", "pss", "amr"} <= set(import_methods())
+    import synernet.addons  # noqa: F401  (the package import registers every add-on: nothing else to call)
+    assert {"bmp", "pss", "amr"} <= set(MECHANISMS)
 
 
 # ---------------------------------------------------------------- switched off = the host, bit for bit
@@ -233,7 +233,7 @@ def test_amr_fused_labels(monkeypatch):
         got["cam"] = cam
         return torch.zeros(cam.shape[0], *cam.shape[-2:], dtype=torch.long)
     monkeypatch.setattr(meth, "pseudo_labels", fake)
-    from synernet.mechanisms import Step
+    from synernet.engine.hooks import Step
     B, H = 2, 48
     x, y, box = torch.randn(B, 3, H, H), torch.tensor([[1., 1] + [0] * 6] * B), torch.tensor([[0, H, 0, H]] * B)
     w = {**meth.loss_weights(0), "ctc": 0.0}
@@ -290,7 +290,7 @@ def test_switch_on_a_method_without_mechanisms_fails(switch, tmp_path):
 
 def test_demo_guards_toco_seg_loss_paper_keeps_it():
     "ToCo's exact seg loss (NaN for a batch without background or foreground) at paper scale; guarded on the tiny demo."
-    from synernet.train import build_config
+    from synernet.engine.runs import build_config
     for p in ("toco", "pss", "bmp", "amr"):
         assert build_config(preset=p).seg_loss_nan_guard, p
     assert [build_config(preset=p, dataset=d).seg_loss_nan_guard for p in ("toco", "pss") for d in ("voc", "coco")] \

@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from synernet import learner as L
-from synernet.core import make_config, seed_everything
-from synernet.data import DataError, TrainLoader, ClsDataset, load_cls_labels, make_toy_voc, save_cls_labels
+from synernet.engine import learner as L
+from synernet.core.config import make_config, seed_everything
+from synernet.data.datasets import DataError, TrainLoader, ClsDataset, load_cls_labels, make_toy_voc, save_cls_labels
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -273,8 +273,6 @@ def toy_voc(tmp_path):
 
 
 def _voc_cfg(root, **kw):
-    from synernet.train import import_methods
-    import_methods()
     return make_config("toco", dataset="voc", scale="demo", data_root=str(root), **kw)
 
 
@@ -345,7 +343,7 @@ def test_malicious_label_file_is_refused(tmp_path):
 
 def test_malicious_weights_file_is_refused(tmp_path):
     "A backbone weights_file (.pth) whose pickle runs a command is refused by the weights-only reader."
-    from synernet.backbone import build_vit
+    from synernet.models.backbone import build_vit
     marker, f = tmp_path / "pwned", tmp_path / "w.pth"
     torch.save({"x": _evil(marker)}, f)
     with pytest.raises(Exception, match="posix.system"):

@@ -1,7 +1,7 @@
 """Every preset x data set x scale trains what it says (issue 23).
 
 - The preset registry: every method preset resolves on every data set at both scales and passes the silent-phase
-  guard (`synernet.core.check_phases`); a config whose weighted loss starts at or after `max_iters` raises
+  guard (`synernet.core.config.check_phases`); a config whose weighted loss starts at or after `max_iters` raises
   `SilentPhaseError` naming the loss, the key that delays it, its value and `max_iters`.
 - A tiny COCO-layout set written here (an instances JSON with categories spread over the id range, a crowd RLE, an
   image without annotations, a grayscale JPEG) and converted by the project's own `coco_to_masks`: `toco` at demo
@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from synernet.core import (DATASETS, SCALES, ConfigError, SilentPhaseError, check_phases, loss_phases, make_config,
+from synernet.core.config import (DATASETS, SCALES, ConfigError, SilentPhaseError, check_phases, loss_phases, make_config,
                            phase_table, phase_table_markdown)
-from synernet.data import COCO_CATEGORY_IDS, COCO_CLASSES, coco_to_masks
-from synernet.sweep import method_presets
+from synernet.data.datasets import COCO_CATEGORY_IDS, COCO_CLASSES, coco_to_masks
+from synernet.experiments.sweep import method_presets
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -97,8 +97,8 @@ def test_the_command_line_runs_the_same_check(tmp_path):
 
 
 def test_the_phase_table_in_the_config_notebook_is_current():
-    "The table shown in nbs/00_core.ipynb is the registry's (refresh it with `python tools/phase_table.py`)."
-    nb = json.loads((REPO / "nbs" / "00_core.ipynb").read_text())
+    "The table shown in nbs/90_api.ipynb is the registry's (refresh it with `python tools/phase_table.py`)."
+    nb = json.loads((REPO / "nbs" / "90_api.ipynb").read_text())
     cell = next(c for c in nb["cells"] if "phase_table_markdown(sc.phase_table())" in "".join(c["source"]))
     shown = "".join("".join(o["data"]["text/markdown"]) for o in cell.get("outputs", [])
                     if "text/markdown" in o.get("data", {}))
@@ -177,7 +177,7 @@ def test_toco_at_demo_scale_on_coco_trains_every_loss(tiny_coco, tmp_path):
     computed and logged with their weights. The resolved demo config is used unchanged except for sizes (batch 2,
     crop 64) and logging; the learner starts at iteration max_iters - 2 instead of 0 (a 400-iteration run would take
     minutes), which is the end of the same schedule."""
-    from synernet.learner import Learner
+    from synernet.engine.learner import Learner
     cfg = make_config("toco", "coco", "demo", data_root=str(tiny_coco), out_dir=str(tmp_path / "run"), batch_size=2,
                       crop_size=64, log_every=1, eval_every=0, ckpt_every=0, eval_max_images=2, final_eval="single",
                       progress=False, num_workers=0)

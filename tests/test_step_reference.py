@@ -3,9 +3,9 @@
 Each case of `tests/fixtures/toco_step/toco_step.npz` (or `$SYNERNET_FIXTURES_ROOT/toco_step/`) is one iteration of
 ToCo's VOC training loop computed with ToCo's own code from the same stored initial weights (its README describes every
 key). This test builds the `toco` preset at the fixture's sizes through config keys alone, loads the weights through
-the ToCo name map (`synernet.toco.load_toco_state_dict`), starts the optimiser and schedule at the case's iteration with
+the ToCo name map (`synernet.models.toco.load_toco_state_dict`), starts the optimiser and schedule at the case's iteration with
 the stored AdamW moments, gives the local-crop sampler ToCo's drawn corners, and runs the project's own iteration
-(`synernet.learner.train_iteration`, the code path of `Learner.fit`). It then compares every stored quantity: network
+(`synernet.engine.learner.train_iteration`, the code path of `Learner.fit`). It then compares every stored quantity: network
 outputs, ROI mask and crop flags, both pseudo-label maps, each named loss and the total, each group's learning rate,
 every gradient (and which parameters get none), the group gradient norms, every parameter after the update and the
 teacher head after its EMA update.
@@ -20,11 +20,11 @@ import pytest
 import torch
 
 from _parity import assert_close as _close, assert_grads, assert_labels as _labels, assert_params_after, load_family
-import synernet.toco_method  # noqa: F401  (registers the method and the preset)
-import synernet.dskd  # noqa: F401  (the DSKD presets built on the same step)
-from synernet.core import make_config
-from synernet.learner import METHODS, train_iteration
-from synernet.toco import load_toco_state_dict, set_adamw_state, toco_name
+import synernet.methods.toco  # noqa: F401  (registers the method and the preset)
+import synernet.methods.dskd  # noqa: F401  (the DSKD presets built on the same step)
+from synernet.core.config import make_config
+from synernet.engine.learner import METHODS, train_iteration
+from synernet.models.toco import load_toco_state_dict, set_adamw_state, toco_name
 
 FAMILY = "toco_step"
 
@@ -165,7 +165,7 @@ def replay(name, case, dtype):
     tr = method.trace
 
     # the sampler's candidates and ToCo's permutation give exactly the injected corners
-    from synernet.losses import crop_candidates
+    from synernet.ops.losses import crop_candidates
     cs, K = cfg.ctc_crop_size, cfg.ctc_crop_num
     cand = crop_candidates(tr["roi"], K, cs)
     nw = batch["crops"][2].shape[-1] - 2 * (cs // 2)

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-import synernet.synernet_method as sm
-from synernet.dskd import DSKDMethod
-from synernet.backbone import build_backbone, head_mean_attention
-from synernet.core import make_config
-from synernet.data import dataset_info
-from synernet.learner import train_iteration
+import synernet.methods.synernet as sm
+from synernet.methods.dskd import DSKDMethod
+from synernet.models.backbone import build_backbone, head_mean_attention
+from synernet.core.config import make_config
+from synernet.data.datasets import dataset_info
+from synernet.engine.learner import train_iteration
 
 ALL_ON = dict(seg_start=0, sbce_start=0, contrast_start=0, cam_scales=(1.0, 0.5, 1.5), pretrained=True)
 

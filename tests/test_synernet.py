@@ -9,14 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from synernet.core import ConfigError, make_config
-from synernet.branches import (attention_affinity, attention_propagate, per_image_thresholds, sbce_targets,
+from synernet.core.config import ConfigError, make_config
+from synernet.ops.branches import (attention_affinity, attention_propagate, per_image_thresholds, sbce_targets,
                                spatial_bce_loss, sbce_roi)
-from synernet.confidence import confidence_matrix, fuse_probs, fuse_logits, fusion_labels, proto_votes
-from synernet.infer import ms_flip_logits
-import synernet.synernet_method as sm
-from synernet.learner import Learner
-from synernet.data import dataset_info
+from synernet.ops.confidence import confidence_matrix, fuse_probs, fuse_logits, fusion_labels, proto_votes
+from synernet.ops.infer import ms_flip_logits
+import synernet.methods.synernet as sm
+from synernet.engine.learner import Learner
+from synernet.data.datasets import dataset_info
 
 
 # ---------------------------------------------------- spatial-BCE thresholds (the authors' get_per_pic_thre)
@@ -132,7 +132,7 @@ def test_fixed_fusion_reproduces_du_head_inference_g7_39():
 
 # ---------------------------------------------------------------- B-CAM attention propagation
 def test_attention_operator_is_row_stochastic_on_a_real_encoder():
-    from synernet.toco import ToCoNet
+    from synernet.models.toco import ToCoNet
     torch.manual_seed(0)
     net = ToCoNet(3, make_config("base")).eval()
     with torch.no_grad(): enc = net.encode(torch.randn(2, 3, 64, 80), attn_blocks=range(-4, 0))
@@ -234,7 +234,7 @@ def test_end_to_end(preset, extra, tmp_path):
 
 def test_diagnostics_known_answers():
     "Hand-built confidence matrix, fused prediction and truth: the diagnostics come out as counted by hand."
-    from synernet.confidence import ConfidenceMap
+    from synernet.ops.confidence import ConfidenceMap
     meth = sm.SynerNetMethod.__new__(sm.SynerNetMethod)
     gt = torch.tensor([[[0, 0, 1, 1], [0, 255, 1, 1]]])
     rel = torch.tensor([[[True, True, True, False], [False, False, True, True]]])
@@ -264,7 +264,7 @@ def test_diagnostics_known_answers():
 @pytest.mark.slow
 def test_paper_memory_fits_24gb(tmp_path):
     if not torch.cuda.is_available(): pytest.skip("needs a GPU: the 24 GB budget is a GPU-memory budget")
-    from synernet.train import build_config, train
+    from synernet.engine.runs import build_config, train
     cfg = build_config(preset="synernet", dataset="synthetic", scale="paper", pretrained=False, batch_size=2,
                        crop_size=448, max_iters=3, log_every=1, eval_every=0, ckpt_every=0, final_eval="none",
                        progress=False, seg_start=0, sbce_start=0, out_dir=str(tmp_path / "r"))

@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from synernet.data import VOC_CLASSES
-from synernet.sweep import plan, job_status, is_finished, run_sweep, grid_cells
-from synernet.tables import (PAPER_RESULTS, collect_runs, label_sources, ablation_table, thresholds_table,
+from synernet.data.datasets import VOC_CLASSES
+from synernet.experiments.sweep import plan, job_status, is_finished, run_sweep, grid_cells
+from synernet.experiments.tables import (PAPER_RESULTS, collect_runs, label_sources, ablation_table, thresholds_table,
                              loss_weights_table, comparison_table, per_class_table, cost_table, build_tables,
                              write_table, fmt_mean_std, curves)
 

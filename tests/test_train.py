@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from synernet.data import make_toy_voc
+from synernet.data.datasets import make_toy_voc
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
-# a few iterations: the later phases (segmentation, ...) never start, deliberately (see synernet.core.check_phases)
+# a few iterations: the later phases (segmentation, ...) never start, deliberately (see synernet.core.config.check_phases)
 TINY = dict(max_iters=3, batch_size=2, log_every=2, eval_every=0, eval_max_images=2, progress=False,
             allow_silent_losses="all")
 
@@ -81,7 +81,7 @@ def test_train_notebook(tmp_path, dataset):
 
 
 def _method_presets():
-    from synernet.sweep import method_presets
+    from synernet.experiments.sweep import method_presets
     return method_presets()
 
 
@@ -97,8 +97,8 @@ def test_train_notebook_every_preset(tmp_path, preset):
 
 DDP_WORKER = textwrap.dedent("""
     import hashlib, json, sys, torch
-    from synernet.core import dist_info, parse_cli
-    from synernet.train import build_config, train
+    from synernet.core.config import dist_info, parse_cli
+    from synernet.engine.runs import build_config, train
     lrn, summary = train(build_config(sys.argv[2:]))
     h = hashlib.sha256()
     for k, v in sorted(lrn.method.net("net").state_dict().items()): h.update(k.encode()); h.update(v.numpy().tobytes())

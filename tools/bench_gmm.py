@@ -1,8 +1,8 @@
-"""Speed of the batched EM of synernet.gc against a loop of scikit-learn GaussianMixture(2) fits.
+"""Speed of the batched EM of synernet.ops.gc against a loop of scikit-learn GaussianMixture(2) fits.
 
 The workload of GC on one training batch at paper scale: 8 images of 448 x 448 label confidences (8 x 200,704 values,
 bimodal), a 2-component fit per image and the noise posterior of every pixel. Two settings:
-  - subsampled: each fit uses 16,384 uniformly drawn values (gc_n_fit, as synernet.gc fits); posteriors on all 200,704;
+  - subsampled: each fit uses 16,384 uniformly drawn values (gc_n_fit, as synernet.ops.gc fits); posteriors on all 200,704;
   - full: each fit uses all 200,704 values.
 scikit-learn gets exactly the same data (the same subsample) and the same initial weights / means / precisions, so
 both run the same EM; its time includes its k-means initialisation, which it runs even when the initial parameters are
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from sklearn.mixture import GaussianMixture
 
-from synernet.gc import fit_gmm_batched, gmm_posterior, subsample_valid
+from synernet.ops.gc import fit_gmm_batched, gmm_posterior, subsample_valid
 
 
 def make_batch(B=8, H=448, W=448, seed=0):

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def one(preset: str, scale: str, iters: int, warmup: int, batch: int | None) -> dict:
-    from synernet.train import build_config, train
+    from synernet.engine.runs import build_config, train
     import torch
     with tempfile.TemporaryDirectory() as d:
         kw = dict(preset=preset, dataset="synthetic", scale=scale, out_dir=d, max_iters=iters + warmup, log_every=1,
@@ -54,9 +54,7 @@ def main():
     if a.iters < 1 or a.warmup < 1: ap.error("--iters and --warmup must be >= 1")
     if a._one:
         print("BENCH " + json.dumps(one(a._one[0], a._one[1], a.iters, a.warmup, a.batch)), flush=True); return
-    from synernet.train import import_methods
-    from synernet.core import PRESETS
-    import_methods()
+    from synernet.core.config import PRESETS
     presets = a.presets.split(",") if a.presets else [p for p in PRESETS if p != "base" and not p.startswith("_")]
     unknown = [p for p in presets if p not in PRESETS]
     if unknown: ap.error(f"unknown presets {unknown}; registered: {sorted(PRESETS)}")

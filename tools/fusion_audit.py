@@ -6,7 +6,7 @@
 (`load_learner` appends to the run folder's env.json and log.txt: point RUN_DIR at a copy holding config.json and
 checkpoints/ to keep a finished run as it is.)
 
-No training: loads the run's config and checkpoint (`synernet.train.load_learner`), rebuilds for every validation image
+No training: loads the run's config and checkpoint (`synernet.engine.runs.load_learner`), rebuilds for every validation image
 what `SynerNetMethod.eval_labels` builds (Y_B, Y_P, the training-time confidence matrix of prototype votes anchored
 where Y_B and Y_P agree) and reports, against the masks (analysis only):
 - the pixel shares of {reliable, uncertain} x {consensus fg, consensus bg} and, in each, the truth's foreground share
@@ -25,13 +25,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from synernet.train import load_learner                                         # noqa: E402
-from synernet.cam import multi_scale_cam                                        # noqa: E402
-from synernet.confidence import (confidence_matrix, proto_votes, anchor_labels, anchor_from_logits,  # noqa: E402
+from synernet.engine.runs import load_learner                                         # noqa: E402
+from synernet.ops.cam import multi_scale_cam                                        # noqa: E402
+from synernet.ops.confidence import (confidence_matrix, proto_votes, anchor_labels, anchor_from_logits,  # noqa: E402
                                  token_centre_labels, fusion_labels)
-from synernet.branches import cross_pseudo_labels                               # noqa: E402
-from synernet.transforms import denormalize                                     # noqa: E402
-from synernet.metrics import Confusion, scores, fg_scores                       # noqa: E402
+from synernet.ops.branches import cross_pseudo_labels                               # noqa: E402
+from synernet.data.transforms import denormalize                                     # noqa: E402
+from synernet.ops.metrics import Confusion, scores, fg_scores                       # noqa: E402
 
 
 _RULES = ("spec", "consensus", "spec_blend", "broad_rel", "broad_all")

@@ -79,12 +79,10 @@ def speed_step(dry, presets):
 
 
 def _learner(preset, dry, d, **kw):
-    from synernet.train import build_config
-    from synernet.learner import Learner
+    from synernet.engine.runs import build_config
+    from synernet.engine.learner import Learner
     from profile_step import ALWAYS_ON
-    from synernet.core import CONFIG_KEYS
-    from synernet.train import import_methods
-    import_methods()              # the methods' keys exist only once their modules load (else ALWAYS_ON is dropped)
+    from synernet.core.config import CONFIG_KEYS
     base = dict(preset=preset, dataset="synthetic", out_dir=d, max_iters=10, progress=False, eval_every=0,
                 ckpt_every=0, final_eval="none", seg_loss_nan_guard=True, seed=0)
     base.update({k: v for k, v in ALWAYS_ON.items() if k in CONFIG_KEYS})   # every loss on from the first step
@@ -94,7 +92,7 @@ def _learner(preset, dry, d, **kw):
 
 def bf16_step(dry):
     import torch
-    from synernet.learner import _to
+    from synernet.engine.learner import _to
     out = {}
     for amp in ("off", "on"):
         if amp == "on" and not torch.cuda.is_available() and not dry: continue
@@ -114,14 +112,14 @@ def bf16_step(dry):
 
 def memory_step(dry):
     import torch
-    from synernet.learner import train_iteration, _to
+    from synernet.engine.learner import train_iteration, _to
     with tempfile.TemporaryDirectory() as d:
         lrn = _learner("synernet", dry, d, amp="off" if dry else "on")
         lrn._set_train(True)
         if torch.cuda.is_available(): torch.cuda.reset_peak_memory_stats()
         batch = {k: _to(v, lrn.device) for k, v in next(iter(lrn.train_loader)).items()}
         train_iteration(lrn.method, lrn.optims, batch, 0, 0.0, lrn.autocast)
-        from synernet.learner import peak_memory_mb
+        from synernet.engine.learner import peak_memory_mb
         mb = peak_memory_mb(lrn.device)
     return dict(preset="synernet", batch_per_gpu=lrn.cfg.batch_size, crop_size=lrn.cfg.crop_size,
                 peak_memory_gb=round(mb / 1024, 2), fits_24gb=bool(mb / 1024 < 24.0) if not dry else None)

@@ -1,20 +1,18 @@
-"""Refresh the resolved phase table shown in nbs/00_core.ipynb (the output of its phase-table cell).
+"""Refresh the resolved phase table shown in nbs/90_api.ipynb (the output of its phase-table cell).
 
-The table is computed from the preset and method registries by `synernet.core.phase_table`; this script stores that
+The table is computed from the preset and method registries by `synernet.core.config.phase_table`; this script stores that
 output in the notebook, so that the table can be read without running it. `tests/test_schedules.py` fails when the
 stored table is not the registry's. Usage: `python tools/phase_table.py` (from the repository root).
 """
 import json
 from pathlib import Path
 
-import synernet.core as sc
-from synernet.train import import_methods
+import synernet.core.config as sc
 
-NB = Path(__file__).resolve().parents[1] / "nbs" / "00_core.ipynb"
+NB = Path(__file__).resolve().parents[1] / "nbs" / "90_api.ipynb"
 
 
 def main():
-    import_methods()
     md = sc.phase_table_markdown(sc.phase_table())
     nb = json.loads(NB.read_text())
     cell = next(c for c in nb["cells"] if "phase_table_markdown(sc.phase_table())" in "".join(c["source"]))

@@ -4,12 +4,12 @@ iBOT loss on the patch tokens (30 % of each global crop's patches hidden from th
 teacher's prototype distribution of those patches on the unmasked crop). Resumes from WORK/last.pt (written every
 250 steps; a resumed run draws other crops after the resume point);
 writes the teacher's encoder to WORK/teacher.safetensors (loadable with `--weights_file`).
-Measured result and reading: nbs/02a_pretrain.ipynb, "Two objectives that keep the tokens local".
+Measured result and reading: nbs/73_pretrain.ipynb, "Two objectives that keep the tokens local".
 usage: OMP_NUM_THREADS=1 python tools/pretrain_dino.py WORK STEPS [BATCH]   (1200 steps of 32: 38 min on one thread)"""
 import sys, math, copy, time, json
 from pathlib import Path
 import torch, torch.nn as nn, torch.nn.functional as F
-from synernet.pretrain import (PretrainNet, corpus_batch, TRAIN, param_groups, lr_at, save_encoder, _atomic_save,
+from synernet.experiments.pretrain import (PretrainNet, corpus_batch, TRAIN, param_groups, lr_at, save_encoder, _atomic_save,
                                hide_patches)
 
 torch.set_num_threads(1)

@@ -8,12 +8,12 @@ import sys, json, time
 import numpy as np, torch, torch.nn.functional as F
 from PIL import Image
 from pathlib import Path
-from synernet.backbone import build_backbone
-from synernet.transforms import IMAGENET_MEAN, IMAGENET_STD
+from synernet.models.backbone import build_backbone
+from synernet.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 torch.set_num_threads(1)
 import argparse
-from synernet.core import make_config
-from synernet.data import default_root
+from synernet.core.config import make_config
+from synernet.data.datasets import default_root
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("--root", default="", help="synthetic set folder (default: the demo's, which `make demo` writes)")
 ap.add_argument("--weights", nargs="*", default=["none", "committed"],

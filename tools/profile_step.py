@@ -6,7 +6,7 @@
     python tools/profile_step.py --iters 3 --warmup 1 --flops
 
 Each (preset, scale) runs in a fresh process through the real learner and its real iteration
-(`synernet.learner.train_iteration`): nothing is re-implemented here. The parts are found by wrapping, for the
+(`synernet.engine.learner.train_iteration`): nothing is re-implemented here. The parts are found by wrapping, for the
 duration of the measurement only, the functions the method's step calls (the CAM pass, the forward, PAR pseudo-labels,
 GC, each loss, the EMA, ...; the table `PARTS` below), `Tensor.backward` and the optimisers' `step`, and by timing
 `next(loader)` for data loading and augmentation. Times are exclusive (a part's time excludes the parts it calls);
@@ -33,15 +33,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 # module -> {function name in that module's namespace: part}; "Class.method" wraps a method of a class of the module
 PARTS = {
-    "synernet.toco_method": {"multi_scale_cam": "cam pass", "toco_forward": "forward", "refine_cams_with_bkg": "PAR labels",
+    "synernet.methods.toco": {"multi_scale_cam": "cam pass", "toco_forward": "forward", "refine_cams_with_bkg": "PAR labels",
                              "token_labels": "labels", "cam_to_roi_mask": "labels", "cls_loss": "loss: cls",
                              "ptc_loss": "loss: ptc", "ctc_loss": "loss: ctc", "seg_loss": "loss: seg"},
-    "synernet.toco": {"ToCoNet.forward_proj": "forward: CTC views"},
-    "synernet.losses": {"LocalCropSampler.__call__": "labels"},
-    "synernet.dskd": {"multi_scale_cam": "cam pass", "dskd_forward": "forward", "gaussian_correction": "GC",
+    "synernet.models.toco": {"ToCoNet.forward_proj": "forward: CTC views"},
+    "synernet.ops.losses": {"LocalCropSampler.__call__": "labels"},
+    "synernet.methods.dskd": {"multi_scale_cam": "cam pass", "dskd_forward": "forward", "gaussian_correction": "GC",
                       "token_labels": "labels", "punc_roi": "labels", "cls_loss": "loss: cls", "ptc_loss": "loss: ptc",
                       "seg_loss": "loss: seg", "punc_loss": "loss: punc", "ema_update": "EMA"},
-    "synernet.synernet_method": {"multi_scale_cam": "cam pass", "synernet_forward": "forward",
+    "synernet.methods.synernet": {"multi_scale_cam": "cam pass", "synernet_forward": "forward",
                                  "cross_pseudo_labels": "PAR labels", "token_labels": "labels", "sbce_roi": "labels",
                                  "per_image_thresholds": "labels", "cls_loss": "loss: cls", "ptc_loss": "loss: ptc",
                                  "seg_loss": "loss: seg", "spatial_bce_loss": "loss: sbce",
@@ -136,7 +136,7 @@ def floor(row) -> dict | None:
 
 def base_settings(preset, scale, out_dir, batch):
     "The config keys every profiled step shares: no evaluation or checkpoints, every loss on, paper scale at 448."
-    from synernet.core import CONFIG_KEYS
+    from synernet.core.config import CONFIG_KEYS
     kw = dict(preset=preset, dataset="synthetic", scale=scale, out_dir=out_dir, max_iters=10 ** 6, progress=False,
               seg_loss_nan_guard=True, eval_every=0, ckpt_every=0, final_eval="none")
     kw.update({k: v for k, v in ALWAYS_ON.items() if k in CONFIG_KEYS})
@@ -147,9 +147,8 @@ def base_settings(preset, scale, out_dir, batch):
 
 def one(preset, scale, iters, warmup, flops, batch, sets=(), variant=""):
     import torch
-    from synernet.train import build_config, import_methods
-    from synernet.learner import Learner, train_iteration, _to
-    import_methods()              # the methods' keys (seg_start, sbce_start, ...) exist only once their modules load
+    from synernet.engine.runs import build_config
+    from synernet.engine.learner import Learner, train_iteration, _to
     with tempfile.TemporaryDirectory() as d:
         kw = base_settings(preset, scale, d, batch)
         kw.update(dict(s.split("=", 1) for s in sets))
@@ -198,9 +197,8 @@ def interleaved(preset, scale, iters, warmup, flops, batch, sets, variants):
     iterations alternate between the variants' configs (the method reads its config at every step), so a change of
     the machine's load during the run hits every variant alike. Rows as `one` returns them."""
     import torch
-    from synernet.train import build_config, import_methods
-    from synernet.learner import Learner, train_iteration, _to
-    import_methods()
+    from synernet.engine.runs import build_config
+    from synernet.engine.learner import Learner, train_iteration, _to
     with tempfile.TemporaryDirectory() as d:
         kw = base_settings(preset, scale, d, batch)
         kw.update(dict(kv.split("=", 1) for kv in sets))

@@ -5,11 +5,11 @@
 # Usage: bash tools/proving_ground.sh [RUNS_DIR]   (default runs/v3; two 1-thread jobs at once; about 3 hours on
 # 2 cores). Finished runs (summary.json present) are skipped and interrupted ones resume from their checkpoint, so the
 # same command continues. The pretrained-encoder rows need the things encoder first:
-#   OMP_NUM_THREADS=1 python -m synernet.pretrain runs/pt_things objective=image_max corpus=things size=64 steps=1500 warmup=100
-# and its encoder written from runs/pt_things/last.pt with synernet.pretrain.save_encoder to RUNS_DIR/things_1500.safetensors;
+#   OMP_NUM_THREADS=1 python -m synernet.experiments.pretrain runs/pt_things objective=image_max corpus=things size=64 steps=1500 warmup=100
+# and its encoder written from runs/pt_things/last.pt with synernet.experiments.pretrain.save_encoder to RUNS_DIR/things_1500.safetensors;
 # without that file those rows are left out. The same holds for the encoders that keep tokens local
-# (nbs/02a_pretrain.ipynb, "Two objectives that keep the tokens local, fine-tuned"), each written the same way:
-#   RUNS_DIR/mosmax_1500.safetensors  from  python -m synernet.pretrain runs/pt_mosmax objective=mosaic_max corpus=things size=128 batch_size=8 steps=1500 warmup=100
+# (nbs/73_pretrain.ipynb, "Two objectives that keep the tokens local, fine-tuned"), each written the same way:
+#   RUNS_DIR/mosmax_1500.safetensors  from  python -m synernet.experiments.pretrain runs/pt_mosmax objective=mosaic_max corpus=things size=128 batch_size=8 steps=1500 warmup=100
 #   RUNS_DIR/mosmax_3000.safetensors  from  the same with steps=3000 (work dir runs/pt_mosmax3k)
 #   runs/pt_dino/teacher.safetensors  from  python tools/pretrain_dino.py runs/pt_dino 1200 32   (written by the tool)
 set -euo pipefail

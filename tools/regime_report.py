@@ -28,9 +28,7 @@ MAPS = [("cam_miou", "CAM"), ("aux_cam_miou", "aux CAM"), ("b_cam_miou", "B-CAM"
 
 
 def default_config(preset: str, dataset: str) -> dict:
-    from synernet.core import make_config
-    from synernet.train import import_methods
-    import_methods()
+    from synernet.core.config import make_config
     cfg = make_config(preset, dataset=dataset)
     return {k: cfg[k] for k in cfg._values}
 
@@ -79,7 +77,7 @@ def _fmt(v, signed=False) -> str:
 
 def mean_std(xs):
     "(mean, sample std (0 for one value), n) of the values that exist; (None, None, 0) when none does."
-    from synernet.tables import mean_std as tables_mean_std
+    from synernet.experiments.tables import mean_std as tables_mean_std
     m, sd, n = tables_mean_std(xs)
     return (None, None, 0) if not n else (m, sd if n > 1 else 0.0, n)
 
