@@ -19,7 +19,7 @@ from ..data.transforms import denormalize
 from ..engine.learner import Method, register_method, unwrap, Forward
 from . import toco as toco_method   # the shared loss keys (w_cls, w_aux, w_ptc, w_seg, seg_start, contrast_start)
 from ..ops.branches import mix_cams
-from ..engine.hooks import (Step, build_mechanisms, mech_forward, mech_optimizers, mech_weights, mech_after_step,
+from ..engine.hooks import (Step, build_mechanisms, mech_optimizers, mech_weights, mech_after_step,
                                  mech_state, mech_load_state, mech_log)
 from ..ops.branches import (attention_affinity, bcam_logits, sbce_roi, per_image_thresholds, spatial_bce_loss, cross_pseudo_labels,
                                decoder_targets, class_token_sim_loss, instance_images, proto_contrast_loss)
@@ -255,21 +255,19 @@ class SynerNetMethod(Method):
             late = self.loss_weights(max(n, c.seg_start, c.sbce_start, c.proto_start, c.contrast_start))
             early = [k for k in self.loss_names if k != "proto" and late.get(k)]     # proto would move its banks
             w = {k: v if v or k not in early else 1.0 for k, v in w.items()}
-        S = Step(self, x, y, box, n, w) if self.mechs else None
-        need_cam = any(w[k] for k in ("ptc_b", "ptc_p", "seg_b", "seg_p", "sbce", "proto", "seg_fuse"))
-        need_cam = need_cam or (S is not None and S.need_ms)
+        hooks = Step(self, x, y, box, n, w)   # the add-ons' points of this step (synernet.engine.hooks); none: no-ops
+        need_cam = any(w[k] for k in ("ptc_b", "ptc_p", "seg_b", "seg_p", "sbce", "proto", "seg_fuse")) or hooks.need_ms
         need_seg = bool(w["seg_b"] or w["seg_p"] or w["seg_fuse"])
         # the CAM pass reuses the forward's own scale-1.0 CAMs unless the forward needs the CAMs (instance images)
-        reuse = bool(need_cam and S is None and c.cam_reuse_forward and not w["proto"])
+        reuse = bool(need_cam and hooks.cam_from_forward_ok and c.cam_reuse_forward and not w["proto"])
         lc = {}                           # the CAMs behind the pseudo-labels (a mechanism may adjust them)
         def cam_pass(given=None):
-            M_b, A_b, M_p, A_p = (S.ms_pass(x, c.cam_scales) if S else
-                                  multi_scale_cam(self.cam_fn, x, c.cam_scales, given=given))
-            if S: S.cams = dict(b=M_b, p=M_p)
+            M_b, A_b, M_p, A_p = hooks.ms_pass(x, c.cam_scales, given=given)
+            hooks.cams = dict(b=M_b, p=M_p)
             self.record(cam_b=M_b, cam_aux_b=A_b, cam_p=M_p, cam_aux_p=A_p)
             Y_B = Y_P = None
             if need_seg:
-                lc.update(S.label_cams(dict(b=M_b, p=M_p)) if S else dict(b=M_b, p=M_p))
+                lc.update(hooks.label_cams(dict(b=M_b, p=M_p)))
                 Y_B, Y_P = self.pseudo_labels(x, lc["b"], lc["p"], y, box)
                 self.record(seg_labels_b=Y_B, seg_labels_p=Y_P)
             return M_b, A_b, M_p, A_p, Y_B, Y_P
@@ -281,11 +279,10 @@ class SynerNetMethod(Method):
             drawn = [instance_images(x, mixed, y, self.gen) for _ in "bp"]
             inst, icls = [d[0] for d in drawn], [d[1] for d in drawn]
         proto_conf = bool(w["seg_fuse"]) and c.conf_mode == "proto"
-        fwd = (x, need_seg or (S is not None and S.need_seg), bool(w["csim"]), bool(w["sbce"]), inst,
+        fwd = (x, need_seg or hooks.need_seg, bool(w["csim"]), bool(w["sbce"]), inst,
                c.conf_layers if proto_conf else None)
         raw = (c.bcam_attn_prop, c.bcam_attn_layers, c.bcam_power, c.bcam_attn_mean) if reuse else None
-        if S is None: res = self.modules["net"](synernet_forward, *fwd, raw_cams=raw)
-        else: res, ext = self.modules["net"](mech_forward, S, synernet_forward, *fwd)
+        res, ext = self.modules["net"](hooks.forward, synernet_forward, *fwd, raw_cams=raw)
         if reuse: M_b, A_b, M_p, A_p, Y_B, Y_P = cam_pass(given=res.pop("raw_cams"))
         ob, op = res["b"], res["p"]
         for k, o in (("b", ob), ("p", op)):
@@ -307,10 +304,9 @@ class SynerNetMethod(Method):
             self.record(csim_b=terms[0], csim_p=terms[1])
         up = lambda t: F.interpolate(t, size=x.shape[-2:], mode="bilinear", align_corners=False)
         if w["seg_b"] or w["seg_p"]:
-            T = decoder_targets(Y_B, Y_P, c.cross_supervision)
-            if S: T = S.adjust_targets(T, lc)
+            T = hooks.adjust_targets(decoder_targets(Y_B, Y_P, c.cross_supervision), lc)
             for k, o in (("b", ob), ("p", op)):
-                L[f"seg_{k}"] = (S.c2s_loss(seg_loss) if S else seg_loss)(up(o.seg), T[k], nan_guard=c.seg_loss_nan_guard)
+                L[f"seg_{k}"] = hooks.c2s_loss(seg_loss)(up(o.seg), T[k], nan_guard=c.seg_loss_nan_guard)
         if w["sbce"]:
             roi = sbce_roi(A_p, y, c.high_thre, c.low_thre)
             phi = per_image_thresholds(roi, y, c.sbce_u)
@@ -332,7 +328,7 @@ class SynerNetMethod(Method):
             Y_F = fusion_labels(Y_B, Y_P, conf)
             L["seg_fuse"] = seg_loss(up(ob.seg), Y_F) + seg_loss(up(op.seg), Y_F)   # NaN-guarded: Y_F may be empty
             self._diag["fuse_reliable_frac"] = float((Y_F != 255).float().mean())
-        if S: L.update(S.losses(dict(b=ob, p=op), ext))
+        L.update(hooks.losses(dict(b=ob, p=op), ext))
         return L
 
     def after_step(self, n: int): mech_after_step(self, n)
@@ -379,14 +375,15 @@ class SynerNetMethod(Method):
         training-time fusion rule on reliable pixels); the summary's primary names. The confidence matrix is kept for
         `eval_diagnostics`."""
         c = self.cfg
-        S = Step(self, img, cls_label) if self.mechs else None
-        M_b, A_b, M_p, A_p = S.ms_pass(img, c.cam_scales) if S else multi_scale_cam(self.cam_fn, img, c.cam_scales)
+        hooks = Step(self, img, cls_label)
+        M_b, A_b, M_p, A_p = hooks.ms_pass(img, c.cam_scales)
         up = lambda t: F.interpolate(t, size=tuple(size), mode="bilinear", align_corners=False)
         near = lambda t: F.interpolate(t[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()
         lab = lambda M: (cam_to_label(up(M), cls_label, bkg_thre=c.bkg_thre), False)
         out = dict(b_cam=lab(M_b), p_cam=lab(M_p), b_aux_cam=lab(A_b), p_aux_cam=lab(A_p))
         lc = dict(b=M_b, p=M_p)
-        if S: S.cams = dict(lc); lc = S.label_cams(lc)
+        hooks.cams = dict(lc)
+        lc = hooks.label_cams(lc)
         Y_B, Y_P = self.pseudo_labels(img, lc["b"], lc["p"], cls_label, None)
         out.update(b_pseudo_label=(near(Y_B), True), p_pseudo_label=(near(Y_P), True))
         pr = self.predict(img, size, with_conf=True)
@@ -411,7 +408,7 @@ class SynerNetMethod(Method):
         # the names the learner's summary reads: B-CAM, its aux CAM, and the label that decoder P learns
         out.update(cam=out["b_cam"], aux_cam=out["b_aux_cam"],
                    pseudo_label=out["b_pseudo_label"] if c.cross_supervision else out["p_pseudo_label"])
-        if S: out.update(S.eval_labels(size, lc))
+        out.update(hooks.eval_labels(size, lc))
         return out
 
     def eval_diagnostics(self, mask) -> dict:

@@ -17,7 +17,7 @@ from ..models.toco import ToCoNet, build_optimizer
 from ..data.transforms import denormalize
 from ..engine.learner import Method, register_method, unwrap, Forward
 from ..models.backbone import to2d
-from ..engine.hooks import (Step, build_mechanisms, mech_forward, mech_optimizers, mech_weights, mech_after_step,
+from ..engine.hooks import (Step, build_mechanisms, mech_optimizers, mech_weights, mech_after_step,
                                  mech_state, mech_load_state, mech_log)
 
 # %% auto #0
@@ -109,9 +109,9 @@ class ToCoMethod(Method):
             now, late = self.loss_weights(n), self.loss_weights(max(n, c.seg_start, c.contrast_start))
             later = {k for k in self.loss_names if not now.get(k) and late.get(k)}   # off now only by the schedule
             w = {k: 1.0 if k in later and not v else v for k, v in w.items()}
-        S = Step(self, x, y, box, n, w) if self.mechs else None
-        need_cam = w["ptc"] or w["ctc"] or w["seg"] or (S is not None and S.need_ms)
-        reuse = bool(need_cam and S is None and c.cam_reuse_forward)
+        hooks = Step(self, x, y, box, n, w)   # the add-ons' points of this step (synernet.engine.hooks); none: no-ops
+        need_cam = w["ptc"] or w["ctc"] or w["seg"] or hooks.need_ms
+        reuse = bool(need_cam and hooks.cam_from_forward_ok and c.cam_reuse_forward)
         st = {}
         def ctc_views(cam_aux):
             "Global views and local crops for CTC; the crops centre on the aux CAM's uncertain region."
@@ -123,18 +123,16 @@ class ToCoMethod(Method):
         def after_main(out):
             "Inside the forward: the CAM pass with the forward's own scale-1.0 CAM (detached), then the CTC views."
             raw = self.core.cam_logits(out.feat.detach(), out.aux_feat.detach())
-            st["cam"], st["cam_aux"] = multi_scale_cam(self.core.cams, x, c.cam_scales, given=raw)
+            st["cam"], st["cam_aux"] = hooks.ms_pass(x, c.cam_scales, given=raw)
             return ctc_views(st["cam_aux"]) if w["ctc"] else (None, None)
         if need_cam and not reuse:
-            st["cam"], st["cam_aux"] = S.ms_pass(x, c.cam_scales) if S else multi_scale_cam(self.core.cams, x,
-                                                                                            c.cam_scales)
-            if S: S.cams = {"": st["cam"]}
+            st["cam"], st["cam_aux"] = hooks.ms_pass(x, c.cam_scales)
+            hooks.cams = {"": st["cam"]}
         g = l = None
         if w["ctc"] and not reuse: g, l = ctc_views(st["cam_aux"])
-        if S is None: out, proj = self.modules["net"](toco_forward, x, g, l, with_seg=bool(w["seg"]),
-                                                      views_fn=after_main if reuse else None)
-        else: (out, proj), ext = self.modules["net"](mech_forward, S, toco_forward, x, g, l,
-                                                     with_seg=bool(w["seg"]) or S.need_seg)
+        (out, proj), ext = self.modules["net"](hooks.forward, toco_forward, x, g, l,
+                                               with_seg=bool(w["seg"]) or hooks.need_seg,
+                                               views_fn=after_main if reuse else None)
         cam, cam_aux, flags = st.get("cam"), st.get("cam_aux"), st.get("flags")
         L = dict(cls=cls_loss(out.cls_logits, y), aux=cls_loss(out.cls_aux_logits, y))
         self.record(cls_logits=out.cls_logits, cls_aux_logits=out.cls_aux_logits, feat=out.feat, seg_logits=out.seg)
@@ -148,14 +146,12 @@ class ToCoMethod(Method):
             L["ptc"] = ptc_loss(out.feat, tl)
             self.record(token_labels=tl)
         if w["seg"]:
-            lc = cam if n >= c.seg_label_final_start else cam_aux
-            if S and n >= c.seg_label_final_start: lc = S.label_cams({"": cam})[""]
-            Y = self.pseudo_labels(x, lc, y, box)
-            if S: Y = S.adjust_targets({"": Y}, {"": lc})[""]
+            lc = hooks.label_cams({"": cam})[""] if n >= c.seg_label_final_start else cam_aux
+            Y = hooks.adjust_targets({"": self.pseudo_labels(x, lc, y, box)}, {"": lc})[""]
             self.record(seg_labels=Y)
             seg = F.interpolate(out.seg, size=x.shape[-2:], mode="bilinear", align_corners=False)
-            L["seg"] = (S.c2s_loss(seg_loss) if S else seg_loss)(seg, Y, nan_guard=c.seg_loss_nan_guard)
-        if S: L.update(S.losses({"": out}, ext))
+            L["seg"] = hooks.c2s_loss(seg_loss)(seg, Y, nan_guard=c.seg_loss_nan_guard)
+        L.update(hooks.losses({"": out}, ext))
         return L
 
     def after_step(self, n: int): mech_after_step(self, n)
@@ -164,17 +160,17 @@ class ToCoMethod(Method):
     def eval_labels(self, img, cls_label, size):
         "CAM, aux CAM, pseudo-label and single-scale segmentation label maps at the ground-truth size (ToCo's validate())."
         c, net = self.cfg, self.core
-        S = Step(self, img, cls_label) if self.mechs else None
-        cam, cam_aux = S.ms_pass(img, c.cam_scales) if S else multi_scale_cam(net.cams, img, c.cam_scales)
+        hooks = Step(self, img, cls_label)
+        cam, cam_aux = hooks.ms_pass(img, c.cam_scales)
         up = lambda t: F.interpolate(t, size=tuple(size), mode="bilinear", align_corners=False)
         out = dict(cam=(cam_to_label(up(cam), cls_label, bkg_thre=c.bkg_thre), False),
                    aux_cam=(cam_to_label(up(cam_aux), cls_label, bkg_thre=c.bkg_thre), False))
-        lc = cam
-        if S: S.cams = {"": cam}; lc = S.label_cams({"": cam})[""]
+        hooks.cams = {"": cam}
+        lc = hooks.label_cams({"": cam})[""]
         pl = self.pseudo_labels(img, lc, cls_label, None)
         out["pseudo_label"] = (F.interpolate(pl[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long(), True)
         out["seg"] = (up(net(img).seg).argmax(1), False)
-        if S: out.update(S.eval_labels(size, {"": lc}))
+        out.update(hooks.eval_labels(size, {"": lc}))
         return out
 
     def seg_logits(self, img): return self.core(img).seg
