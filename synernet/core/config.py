@@ -12,12 +12,12 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['CONFIG_KEYS', 'DATASETS', 'SCALES', 'PRESETS', 'METHODS', 'PROBE_HOOKS', 'RUN_FACTS', 'RESUME_IGNORED', 'ConfigError',
-           'Key', 'config_key', 'config_keys', 'Preset', 'register_preset', 'extend_preset', 'resolve_layers', 'Config',
-           'make_config', 'SilentPhaseError', 'register_method', 'schedule_probe', 'loss_phases', 'check_phases',
-           'format_phases', 'phase_table', 'phase_table_markdown', 'parse_cli', 'seed_everything', 'rng_states',
-           'set_rng_states', 'dist_info', 'get_device', 'get_logger', 'git_commit', 'env_record', 'run_facts',
-           'default_out_dir', 'RunDir', 'start_run', 'main']
+__all__ = ['CONFIG_KEYS', 'DATASETS', 'SCALES', 'PRESETS', 'METHODS', 'register_method', 'PROBE_HOOKS', 'RUN_FACTS',
+           'RESUME_IGNORED', 'ConfigError', 'Key', 'config_key', 'config_keys', 'Preset', 'register_preset',
+           'extend_preset', 'resolve_layers', 'Config', 'make_config', 'SilentPhaseError', 'registrar',
+           'schedule_probe', 'loss_phases', 'check_phases', 'format_phases', 'phase_table', 'phase_table_markdown',
+           'parse_cli', 'seed_everything', 'rng_states', 'set_rng_states', 'dist_info', 'get_device', 'get_logger',
+           'git_commit', 'env_record', 'run_facts', 'default_out_dir', 'RunDir', 'start_run', 'main']
 
 # %% ../../nbs/00_config.ipynb #753146b5
 class ConfigError(ValueError):
@@ -298,16 +298,20 @@ class SilentPhaseError(ConfigError):
 
 #: the training methods: `cfg.method` -> its `Method` class (`synernet.engine.learner`); each method module
 #: registers its own with `register_method`, and `import synernet` imports them all
+def registrar(table: dict, doc: str):
+    "`register(name)` for a registry `table`: a class decorator that stores the class under `name` and names it so."
+    def register(name: str):
+        def deco(cls):
+            cls.name = name; table[name] = cls; return cls
+        return deco
+    register.__doc__ = doc
+    return register
+
 METHODS: dict[str, type] = {}
+register_method = registrar(METHODS, "Class decorator: make a `Method` subclass available as `cfg.method == name`.")
 
-def register_method(name: str):
-    "Class decorator: make a `Method` subclass available as `cfg.method == name`."
-    def deco(cls):
-        cls.name = name; METHODS[name] = cls; return cls
-    return deco
-
-#: functions `f(method)` that finish a network-free method instance for `schedule_probe` (the mechanisms notebook
-#: adds one that gives a host method its mechanisms)
+#: functions `f(method)` that finish a network-free method instance for `schedule_probe` (the hooks notebook, `41_hooks`,
+#: adds one that gives a host method its add-ons)
 PROBE_HOOKS: list[Callable] = []
 
 def schedule_probe(cfg: Config, method_cls: type | None = None):

@@ -8,7 +8,7 @@ import contextlib
 from typing import Callable
 
 from ..ops.cam import multi_scale_cam
-from ..core.config import PROBE_HOOKS
+from ..core.config import PROBE_HOOKS, registrar
 
 # %% auto #0
 __all__ = ['MECHANISMS', 'register_mechanism', 'build_mechanisms', 'suffix', 'Mechanism', 'mech_pass', 'Step', 'mech_forward',
@@ -17,12 +17,8 @@ __all__ = ['MECHANISMS', 'register_mechanism', 'build_mechanisms', 'suffix', 'Me
 
 # %% ../../nbs/41_hooks.ipynb #20907dbf
 MECHANISMS: dict[str, type] = {}
-
-def register_mechanism(name: str):
-    "Class decorator: the mechanism is active in a host when the boolean config key `name` is true."
-    def deco(cls):
-        cls.name = name; MECHANISMS[name] = cls; return cls
-    return deco
+register_mechanism = registrar(MECHANISMS, "Class decorator: the mechanism is active in a host when the boolean config key "
+                                           "`name` is true.")
 
 def build_mechanisms(method) -> list:
     "The active mechanisms of a host method (those whose switch is on), in name order."
