@@ -4,15 +4,16 @@
 
 # %% ../../nbs/13_datasets.ipynb #98ef495f
 from __future__ import annotations
-import argparse, dataclasses, difflib, json, logging, os, pickle, shutil, sys, time
+import argparse, dataclasses, difflib, importlib.util, json, logging, os, shutil, sys, time
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from ..core.config import DATASETS, ConfigError, Config, config_keys, extend_preset, make_config
+# the formats, also for those who import them from the readers' module
 from .formats import (VOC_CLASSES, COCO_CLASSES, COCO_CATEGORY_IDS, SYNTHETIC_CLASSES, CLASS_NAMES,
                                    IGNORE_INDEX, voc_palette, DataError, PREP_HINT, read_image, read_mask, save_mask,
                                    LABEL_FILE, build_cls_labels, save_cls_labels, load_cls_labels, label_build_cmd)
@@ -80,7 +81,7 @@ SYNTHETIC_DEFAULTS = dict(seed=0, n_train=1000, n_val=200)
 def data_dir() -> Path:
     "The data directory: $SYNERNET_DATA, else <repository>/data in a checkout, else ./data."
     if os.environ.get("SYNERNET_DATA"): return Path(os.environ["SYNERNET_DATA"]).expanduser()
-    repo = Path(__file__).resolve().parents[1] if "__file__" in globals() else Path.cwd().parent
+    repo = Path(importlib.util.find_spec("synernet").origin).resolve().parents[1]     # the checkout holding the package
     return repo / "data" if (repo / "settings.ini").exists() else Path("data")
 
 def _check_dataset(name: str) -> str:

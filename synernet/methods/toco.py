@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core.config import config_keys, register_preset, extend_preset
-from ..ops.cam import multi_scale_cam, cam_to_label, token_labels, cam_to_roi_mask, valid_cam
+from ..ops.cam import cam_to_label, token_labels, cam_to_roi_mask, valid_cam
 from ..ops.par import PAR, refine_cams_with_bkg
 from ..ops.losses import cls_loss, ptc_loss, LocalCropSampler, ctc_loss, seg_loss
 from ..models.toco import ToCoNet, build_optimizer

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/20_backbone.ipynb #e1fd87cc
 from __future__ import annotations
-import dataclasses, difflib, functools, hashlib, importlib, os, re, socket, threading, time
+import dataclasses, difflib, functools, hashlib, importlib.util, os, re, socket, threading, time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -29,7 +29,7 @@ DEMO_ARCHS = {
     "vit_tiny_p8_demo": ("vit_tiny_patch16_224", dict(patch_size=8, depth=6, img_size=128)),
 }
 PAPER_BACKBONE = "vit_base_patch16_224.orig_in21k_ft_in1k"
-_PKG_DIR = Path(importlib.import_module("synernet").__file__).parent
+_PKG_DIR = Path(importlib.util.find_spec("synernet").origin).parent     # the package folder (its weights/), not imported
 
 def demo_weights(name: str) -> Path:
     "The committed pretrained weights of demo encoder `name` (made by nbs/pretrain.ipynb; model card: same name, .md)."
