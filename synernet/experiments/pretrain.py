@@ -478,7 +478,8 @@ def _cli(argv=None):
     "python -m synernet.experiments.pretrain work_dir [key=value ...]: run (or resume) `pretrain` with the given settings."
     import sys
     argv = sys.argv[1:] if argv is None else argv
-    if not argv: raise SystemExit("usage: python -m synernet.experiments.pretrain WORK_DIR [steps=3000 batch_size=32 ...]")
+    if not argv or argv[0].startswith("-"):     # no work folder, or --help: the usage, and nothing is trained
+        raise SystemExit("usage: python -m synernet.experiments.pretrain WORK_DIR [steps=3000 batch_size=32 ...]")
     kw = {}
     for a in argv[1:]:
         k, v = a.split("=", 1)
