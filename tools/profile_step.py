@@ -33,15 +33,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 # module -> {function name in that module's namespace: part}; "Class.method" wraps a method of a class of the module
 PARTS = {
-    "synernet.methods.toco": {"multi_scale_cam": "cam pass", "toco_forward": "forward", "refine_cams_with_bkg": "PAR labels",
+    "synernet.methods.toco": {"toco_forward": "forward", "refine_cams_with_bkg": "PAR labels",
                              "token_labels": "labels", "cam_to_roi_mask": "labels", "cls_loss": "loss: cls",
                              "ptc_loss": "loss: ptc", "ctc_loss": "loss: ctc", "seg_loss": "loss: seg"},
     "synernet.models.toco": {"ToCoNet.forward_proj": "forward: CTC views"},
+    # the hosts (toco, synernet) run their multi-scale CAM pass through the add-on hook point (synernet.engine.hooks)
+    "synernet.engine.hooks": {"Step.ms_pass": "cam pass"},
     "synernet.ops.losses": {"LocalCropSampler.__call__": "labels"},
     "synernet.methods.dskd": {"multi_scale_cam": "cam pass", "dskd_forward": "forward", "gaussian_correction": "GC",
                       "token_labels": "labels", "punc_roi": "labels", "cls_loss": "loss: cls", "ptc_loss": "loss: ptc",
                       "seg_loss": "loss: seg", "punc_loss": "loss: punc", "ema_update": "EMA"},
-    "synernet.methods.synernet": {"multi_scale_cam": "cam pass", "synernet_forward": "forward",
+    "synernet.methods.synernet": {"synernet_forward": "forward",
                                  "cross_pseudo_labels": "PAR labels", "token_labels": "labels", "sbce_roi": "labels",
                                  "per_image_thresholds": "labels", "cls_loss": "loss: cls", "ptc_loss": "loss: ptc",
                                  "seg_loss": "loss: seg", "spatial_bce_loss": "loss: sbce",

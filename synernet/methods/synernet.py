@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core.config import config_keys, register_preset, ConfigError
-from ..ops.cam import multi_scale_cam, cam_to_label, token_labels, valid_cam
+from ..ops.cam import cam_to_label, token_labels, valid_cam
 from ..ops.par import PAR, refine_cams_with_bkg
 from ..ops.losses import cls_loss, ptc_loss, seg_loss
 from ..models.toco import ToCoNet, ToCoOut, build_optimizer, load_renamed_state_dict, lr_param_groups
