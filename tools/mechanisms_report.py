@@ -1,7 +1,7 @@
 """Build `reports/mechanisms.md` (issue 24): one row per mechanism of DSKD+GC and SynerNet, from run folders.
 
 Each row names the paper's claim, the validation diagnostic that measures it (logged by the methods into
-`metrics.jsonl` and `summary.json`; see nbs/40_learner.ipynb, "Validation diagnostics"), its mean +- std over the runs
+`metrics.jsonl` and `summary.json`; see nbs/41_learner.ipynb, "Validation diagnostics"), its mean +- std over the runs
 (seeds) that have it, how many runs have the claimed sign, and the verdict: `holds` when the seed mean meets the claim,
 `does not hold` when it does not, `n/a` when no run logged it. The claims are read as signs (B's recall above P's,
 fused no worse than the better branch, ...), so no threshold is tuned here. The "no collapse" rows compare the last

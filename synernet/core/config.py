@@ -310,7 +310,7 @@ def registrar(table: dict, doc: str):
 METHODS: dict[str, type] = {}
 register_method = registrar(METHODS, "Class decorator: make a `Method` subclass available as `cfg.method == name`.")
 
-#: functions `f(method)` that finish a network-free method instance for `schedule_probe` (the hooks notebook, `41_hooks`,
+#: functions `f(method)` that finish a network-free method instance for `schedule_probe` (the hooks notebook, `40_hooks`,
 #: adds one that gives a host method its add-ons)
 PROBE_HOOKS: list[Callable] = []
 

@@ -12,13 +12,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.distributed as dist
 
-from ..core.config import config_keys, register_preset
+from ..core.config import config_keys, register_preset, register_method
 from ..models.backbone import to2d
 from ..ops.cam import multi_scale_cam, cam_to_label, token_labels, valid_cam, box_mask
 from ..ops.par import PAR
 from ..ops.losses import cls_loss, ptc_loss, seg_loss
 from ..models.toco import ToCoNet, lr_param_groups, WarmupLR
-from ..engine.learner import Method, register_method, unwrap, Forward
+from ..engine.learner import Method, unwrap, Forward
 from . import toco as toco_method  # noqa: F401  (the loss weights w_cls, w_aux, w_ptc, w_seg and seg_start)
 from ..ops.gc import gaussian_correction, gc_kwargs, GC_DIAG, GC_READINGS
 from ..ops.metrics import location_counts, LOCATIONS

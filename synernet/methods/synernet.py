@@ -9,14 +9,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core.config import config_keys, register_preset, ConfigError
+from ..core.config import config_keys, register_preset, ConfigError, register_method
 from ..ops.cam import cam_to_label, token_labels, valid_cam
 from ..ops.par import PAR, refine_cams_with_bkg
 from ..ops.losses import cls_loss, ptc_loss, seg_loss
 from ..models.toco import ToCoNet, ToCoOut, build_optimizer, load_renamed_state_dict, lr_param_groups
 from ..models.backbone import to2d
 from ..data.transforms import denormalize
-from ..engine.learner import Method, register_method, unwrap, Forward
+from ..engine.learner import Method, unwrap, Forward
 from . import toco as toco_method   # the shared loss keys (w_cls, w_aux, w_ptc, w_seg, seg_start, contrast_start)
 from ..ops.branches import mix_cams
 from ..engine.hooks import (Step, build_mechanisms, mech_optimizers, mech_weights, mech_after_step,

@@ -9,13 +9,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core.config import config_keys, register_preset, extend_preset
+from ..core.config import config_keys, register_preset, extend_preset, register_method
 from ..ops.cam import cam_to_label, token_labels, cam_to_roi_mask, valid_cam
 from ..ops.par import PAR, refine_cams_with_bkg
 from ..ops.losses import cls_loss, ptc_loss, LocalCropSampler, ctc_loss, seg_loss
 from ..models.toco import ToCoNet, build_optimizer
 from ..data.transforms import denormalize
-from ..engine.learner import Method, register_method, unwrap, Forward
+from ..engine.learner import Method, unwrap, Forward
 from ..models.backbone import to2d
 from ..engine.hooks import (Step, build_mechanisms, mech_optimizers, mech_weights, mech_after_step,
                                  mech_state, mech_load_state, mech_log)
